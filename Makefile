@@ -1,0 +1,43 @@
+# Two commands work on a fresh machine with Python 3.11 and Java:
+#   make demo  — create/update .venv, install, run the end-to-end lifecycle on embedded defaults
+#   make test  — create/update the same .venv (plus test packages), run the whole suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_LOGGING_LEVEL ?= WARNING
+
+.PHONY: demo test venv venv-dev up down bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.runtime
+venv-dev: $(VENV)/.dev
+
+demo: venv
+	$(BIN)/python -m flows.lifecycle
+
+test: venv-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+up: venv
+	bash deployments/up.sh
+
+down:
+	bash deployments/down.sh
+
+bench: venv-dev
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf .mlops

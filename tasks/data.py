@@ -1,0 +1,150 @@
+"""Loading datasets by reference and checking them before anything is trained or registered.
+
+Plain functions (no Prefect import at module level): a dataset is a csv/parquet path, an
+`s3://bucket/key` URI read through a saved prefect-aws `S3Bucket` block for that bucket, or a
+DataFrame handed over by a Python caller.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from tasks.errors import DataError
+
+Task = Literal["binary", "multiclass", "regression"]
+READABLE = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+# Below this many rows per fold (or per class and fold) cross-validation is meaningless.
+MIN_ROWS_PER_FOLD = 5
+MAX_CLASSES = 50
+
+
+@dataclass
+class LoadedData:
+    frame: pd.DataFrame
+    ref: str | None  # the path or URI it came from; None for a DataFrame
+    sha256: str
+
+
+def frame_sha256(frame: pd.DataFrame) -> str:
+    """A content hash of a DataFrame (values, index and column names), stable across processes."""
+    h = hashlib.sha256()
+    h.update("\x1f".join(map(str, frame.columns)).encode())
+    h.update(pd.util.hash_pandas_object(frame, index=True).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def _parse(raw: bytes | Path, suffix: str, ref: str) -> pd.DataFrame:
+    kind = READABLE.get(suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"cannot read {ref!r}: unsupported format {suffix or '(no extension)'!r}; "
+            f"expected one of {sorted(READABLE)} (save the table as csv or parquet)"
+        )
+    source = io.BytesIO(raw) if isinstance(raw, bytes) else raw
+    try:
+        return pd.read_csv(source) if kind == "csv" else pd.read_parquet(source)
+    except Exception as exc:  # the parsers raise many types; say which file and why
+        raise DataError(f"cannot read {ref!r} as {kind}: {exc}") from exc
+
+
+def _read_s3(uri: str) -> bytes:
+    from prefect.client.orchestration import get_client
+    from prefect_aws.s3 import S3Bucket
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket or not key:
+        raise DataError(f"{uri!r} is not an object URI; expected s3://<bucket>/<key>")
+    with get_client(sync_client=True) as client:
+        documents = client.read_block_documents_by_type("s3-bucket")
+    names = [d.name for d in documents if (d.data or {}).get("bucket_name") == bucket]
+    if not names:
+        raise DataError(
+            f"no saved S3Bucket block for bucket {bucket!r} (needed to read {uri!r}); save one, "
+            "e.g. S3Bucket(bucket_name=..., credentials=MinIOCredentials(...)).save('name')"
+        )
+    block = S3Bucket.load(names[0])
+    try:
+        return block.read_path(key)
+    except Exception as exc:
+        raise DataError(f"cannot read {uri!r} through S3Bucket block {names[0]!r}: {exc}") from exc
+
+
+def load_table(data: str | Path | pd.DataFrame) -> LoadedData:
+    """Read a dataset reference into a DataFrame."""
+    if isinstance(data, pd.DataFrame):
+        frame, ref = data.copy(), None
+    elif isinstance(data, (str, Path)):
+        ref = str(data)
+        if ref.startswith("s3://"):
+            frame = _parse(_read_s3(ref), Path(ref).suffix, ref)
+        else:
+            path = Path(ref).expanduser()
+            if not path.is_file():
+                raise DataError(f"data file not found: {ref!r} (cwd {Path.cwd()}); pass an existing "
+                                "csv/parquet path, an s3:// URI, or a DataFrame")
+            frame = _parse(path, path.suffix, ref)
+    else:
+        raise DataError(f"data must be a path, an s3:// URI or a DataFrame, not {type(data).__name__}")
+    return LoadedData(frame=frame, ref=ref, sha256=frame_sha256(frame))
+
+
+def infer_task(y: pd.Series) -> Task:
+    """binary / multiclass for labels (strings, booleans, few integers), regression for numbers."""
+    n_unique = y.nunique(dropna=True)
+    if pd.api.types.is_float_dtype(y) and not np.all(np.mod(y.dropna(), 1) == 0):
+        return "regression"
+    if pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y) and n_unique > 20:
+        return "regression"
+    return "binary" if n_unique <= 2 else "multiclass"
+
+
+def validate_training_frame(frame: pd.DataFrame, target: str, task: str, n_folds: int) -> Task:
+    """Check a training table; return the task it supports. Raises DataError with the fix."""
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise DataError("the data is empty (0 rows); pass a table with rows to train on")
+    if target not in frame.columns:
+        raise DataError(f"target column {target!r} is not in the data; columns are: "
+                        f"{', '.join(map(str, frame.columns))}")
+    if frame.shape[1] < 2:
+        raise DataError(f"the data has only the target column {target!r}; add feature columns")
+    y = frame[target]
+    if y.isna().any():
+        raise DataError(f"target {target!r} has {int(y.isna().sum())} missing values; "
+                        "drop or fill those rows first")
+    resolved: Task = infer_task(y) if task == "auto" else task  # type: ignore[assignment]
+    if resolved not in ("binary", "multiclass", "regression"):
+        raise DataError(f"task {task!r} is not supported; use auto, binary, multiclass or regression")
+    n_rows = len(frame)
+    if resolved == "regression":
+        if not pd.api.types.is_numeric_dtype(y):
+            raise DataError(f"task 'regression' needs a numeric target; {target!r} is {y.dtype}")
+        if n_rows < n_folds * MIN_ROWS_PER_FOLD:
+            raise DataError(f"too few rows for {n_folds}-fold cross-validation: {n_rows}; "
+                            f"need at least {n_folds * MIN_ROWS_PER_FOLD}")
+        return resolved
+    counts = y.value_counts()
+    if len(counts) < 2:
+        raise DataError(f"target {target!r} has only one class ({counts.index[0]!r}); "
+                        "a classifier needs at least two")
+    if resolved == "binary" and len(counts) > 2:
+        raise DataError(f"task 'binary' but target {target!r} has {len(counts)} classes; "
+                        "use task='multiclass' or 'auto'")
+    if len(counts) > MAX_CLASSES:
+        raise DataError(f"target {target!r} has {len(counts)} classes (max {MAX_CLASSES}); "
+                        "is it a continuous target? use task='regression'")
+    rarest = counts.min()
+    if rarest < n_folds:
+        raise DataError(
+            f"too few rows for {n_folds}-fold cross-validation: class {counts.idxmin()!r} has "
+            f"{rarest} rows; need at least {n_folds} per class (collect more data or merge rare classes)"
+        )
+    if n_rows < n_folds * MIN_ROWS_PER_FOLD:
+        raise DataError(f"too few rows for {n_folds}-fold cross-validation: {n_rows}; "
+                        f"need at least {n_folds * MIN_ROWS_PER_FOLD}")
+    return resolved

@@ -1,0 +1,205 @@
+"""Training tasks: prepare the data, cross-validate one candidate, refit and log the best."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+from sklearn.model_selection import train_test_split
+
+from tasks.data import LoadedData, load_table, validate_training_frame
+from tasks.errors import DataError
+from tasks.training_search import (Candidate, CandidateScore, Schema, cross_validate,
+                                   build_pipeline, evaluate_metrics, infer_schema,
+                                   permutation_importance_by_column, prepare_features,
+                                   resolve_metric)
+
+N_FOLDS = 5
+HOLDOUT_SHARE = 0.2
+HOLDOUT_MAX_ROWS = 5000  # rows of the holdout stored with the version (labels included)
+FIRST_ROUND_ROWS = 3000  # successive halving: everyone on this many rows, the best half on all
+# skops refuses unknown types at load; these are the ones our three families are made of.
+REVIEWED_TYPE_PREFIXES = ("sklearn.", "numpy.", "builtins.", "collections.")
+
+
+class TrainResult(BaseModel):
+    model_name: str
+    version: int
+    run_id: str
+    family: str
+    metric: str
+    score: float = Field(description="holdout score of the registered model in `metric`")
+    aliases: list[str] = Field(default_factory=list)
+    semver: str | None = None
+    model_uri: str | None = None
+    task: str | None = None
+    cv_score: float | None = None
+    holdout_metrics: dict[str, float] = Field(default_factory=dict)
+    leaderboard: list[dict] = Field(default_factory=list)
+    data_ref: str | None = None
+    duration_s: float | None = None
+
+
+@dataclass
+class TrainingData:
+    """What the search and the refit work on (kept in the flow's process, never persisted)."""
+
+    X: pd.DataFrame
+    y: pd.Series
+    X_holdout: pd.DataFrame
+    y_holdout: pd.Series
+    schema: Schema
+    metric: str
+    ref: str | None
+    sha256: str
+
+
+@task(name="load-data", cache_policy=NO_CACHE)
+def load_data(data) -> LoadedData:
+    return load_table(data)
+
+
+@task(name="prepare-training-data", cache_policy=NO_CACHE)
+def prepare_training_data(loaded: LoadedData, target: str, task_kind: str, metric: str | None,
+                          random_state: int) -> TrainingData:
+    frame = loaded.frame
+    resolved = validate_training_frame(frame, target, task_kind, N_FOLDS)
+    metric_name = resolve_metric(metric, resolved)
+    schema = infer_schema(frame, target, resolved)
+    X = prepare_features(frame, schema)
+    y = frame[target]
+    if X.empty or all(X[c].isna().all() for c in X.columns):
+        raise DataError("every feature column is empty; nothing to learn from")
+    stratify = y if resolved != "regression" else None
+    try:
+        X_tr, X_ho, y_tr, y_ho = train_test_split(X, y, test_size=HOLDOUT_SHARE,
+                                                  random_state=random_state, stratify=stratify)
+    except ValueError as exc:
+        raise DataError(f"cannot split off a holdout: {exc}; collect more rows per class") from exc
+    validate_training_frame(pd.concat([X_tr, y_tr], axis=1), target, resolved, N_FOLDS)
+    return TrainingData(X_tr, y_tr, X_ho, y_ho, schema, metric_name, loaded.ref, loaded.sha256)
+
+
+@task(name="cross-validate-candidate", cache_policy=NO_CACHE,
+      task_run_name="cv-{candidate.family}")
+def evaluate_candidate(candidate: Candidate, data: TrainingData, n_rows: int, n_folds: int,
+                       random_state: int, deadline: float) -> CandidateScore:
+    X, y = data.X, data.y
+    if n_rows < len(X):
+        X, _, y, _ = train_test_split(X, y, train_size=n_rows, random_state=random_state,
+                                      stratify=y if data.schema.task != "regression" else None)
+    return cross_validate(candidate, X, y, data.schema, data.metric, n_folds, random_state, deadline)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    import mlflow
+    import numpy
+    import prefect
+    import sklearn
+
+    return {"python": platform.python_version(), "scikit-learn": sklearn.__version__,
+            "pandas": pd.__version__, "numpy": numpy.__version__, "mlflow": mlflow.__version__,
+            "prefect": prefect.__version__}
+
+
+def trusted_types(model) -> list[str]:
+    import skops.io
+
+    found = skops.io.get_untrusted_types(data=skops.io.dumps(model))
+    unexpected = [t for t in found if not t.startswith(REVIEWED_TYPE_PREFIXES)]
+    if unexpected:
+        raise RuntimeError(f"refusing to save a model with unreviewed types {unexpected}")
+    return found
+
+
+class LoggedModel(BaseModel):
+    run_id: str
+    model_uri: str
+    family: str
+    holdout_metrics: dict[str, float]
+    schema_json: str
+
+
+@task(name="refit-and-log-model", cache_policy=NO_CACHE)
+def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str, experiment: str,
+                  random_state: int, leaderboard: list[dict]) -> LoggedModel:
+    """Refit the best candidate, measure it on the holdout, log it with what later steps need."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    model = build_pipeline(data.schema, best.candidate.family, best.candidate.params, random_state)
+    model.fit(data.X, data.y)
+    holdout = evaluate_metrics(model, data.X_holdout, data.y_holdout, data.schema.task)
+    importance_rows = min(len(data.X_holdout), 1000)
+    importances = permutation_importance_by_column(
+        model, data.X_holdout.iloc[:importance_rows], data.y_holdout.iloc[:importance_rows],
+        data.schema.task, random_state)
+    schema_json = json.dumps(data.schema.to_dict(), sort_keys=True, default=str)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=f"{model_name}-{best.candidate.family}") as run:
+        mlflow.log_params({"family": best.candidate.family, **best.candidate.params,
+                           "random_state": random_state, "n_train_rows": len(data.X)})
+        mlflow.log_metrics({f"holdout_{k}": v for k, v in holdout.items()})
+        mlflow.log_metric(f"cv_{data.metric}", best.mean)
+        mlflow.set_tags({
+            "mlops.model_name": model_name, "mlops.target": data.schema.target,
+            "mlops.task": data.schema.task, "mlops.metric": data.metric,
+            "mlops.data_ref": data.ref or "(DataFrame)", "mlops.data_sha256": data.sha256,
+            "mlops.git_commit": _git_commit(), "mlops.family": best.candidate.family,
+            **{f"lib.{k}": v for k, v in library_versions().items()},
+        })
+        with tempfile.TemporaryDirectory() as tmp:
+            tmpdir = Path(tmp)
+            (tmpdir / "schema.json").write_text(schema_json)
+            (tmpdir / "feature_importances.json").write_text(json.dumps(importances, indent=1))
+            (tmpdir / "leaderboard.json").write_text(json.dumps(leaderboard, indent=1))
+            (tmpdir / "library_versions.json").write_text(json.dumps(library_versions(), indent=1))
+            sample = data.X_holdout.iloc[:HOLDOUT_MAX_ROWS].copy()
+            sample[data.schema.target] = data.y_holdout.iloc[:HOLDOUT_MAX_ROWS].to_numpy()
+            sample.to_parquet(tmpdir / "holdout.parquet", index=False)
+            mlflow.log_artifacts(str(tmpdir), artifact_path="mlops")
+        signature = infer_signature(data.X.iloc[:50], model.predict(data.X.iloc[:50]))
+        info = mlflow.sklearn.log_model(model, name="model", signature=signature,
+                                        skops_trusted_types=trusted_types(model))
+    return LoggedModel(run_id=run.info.run_id, model_uri=info.model_uri,
+                       family=best.candidate.family, holdout_metrics=holdout,
+                       schema_json=schema_json)
+
+
+def load_artifact_json(run_id: str, name: str):
+    """One of the JSON documents stored with a version's run (schema, importances, …)."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"mlops/{name}",
+                                                   dst_path=tmp)
+        return json.loads(Path(path).read_text())
+
+
+def deadline_from(started: float, budget_s: float, share: float) -> float:
+    return started + max(budget_s, 0.0) * share
+
+
+def cpu_workers() -> int:
+    return max(2, os.cpu_count() or 2)
+
+
+def now() -> float:
+    return time.monotonic()

@@ -1,0 +1,50 @@
+"""Shared fixtures: one real Prefect API for the whole session, a fresh state folder per test."""
+from __future__ import annotations
+
+import os
+import socket
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api():
+    """A real (embedded) Prefect API server shared by the whole session (DESIGN.md §3)."""
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    """A fresh embedded state folder (MLflow SQLite store, artifacts, SQL store) for one test."""
+    home = tmp_path / "state"
+    monkeypatch.setenv("MLOPS_HOME", str(home))
+    return home
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def postgres_available() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def require_postgres():
+    """Skip with a reason where no PostgreSQL answers; CI sets MLOPS_REQUIRE_POSTGRES=1 to fail."""
+    if postgres_available():
+        return
+    if os.environ.get("MLOPS_REQUIRE_POSTGRES") == "1":
+        pytest.fail("PostgreSQL does not answer at 127.0.0.1:5432 but MLOPS_REQUIRE_POSTGRES=1")
+    pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 (start one to run this test)")
