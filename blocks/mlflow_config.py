@@ -39,14 +39,20 @@ class MLflowConfig(Block):
     experiment_name: str = Field(
         default=DEFAULT_EXPERIMENT, description="Experiment that training runs are logged to."
     )
+    artifact_location: str | None = Field(
+        default=None,
+        description="Where new experiments store artifacts; the server's default when empty.",
+    )
     username: str | None = Field(default=None, description="HTTP basic-auth user, if any.")
     password: SecretStr | None = Field(default=None, description="HTTP basic-auth password.")
 
     @classmethod
     def embedded(cls) -> "MLflowConfig":
         """MLflow on SQLite under the state folder, artifacts beside it."""
-        db = state_dir() / "mlflow.db"
-        return cls(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
+        root = state_dir()
+        db = root / "mlflow.db"
+        return cls(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}",
+                   artifact_location=(root / "mlartifacts").as_uri())
 
     def apply(self) -> None:
         """Point this process's MLflow client at this configuration."""
@@ -58,6 +64,23 @@ class MLflowConfig(Block):
             os.environ["MLFLOW_TRACKING_PASSWORD"] = self.password.get_secret_value()
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.registry_uri or self.tracking_uri)
+
+    def ensure_experiment(self) -> str:
+        """The experiment's id, created (with this config's artifact location) if absent."""
+        import mlflow
+
+        self.apply()
+        found = mlflow.get_experiment_by_name(self.experiment_name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.artifact_location:
+            location = f"{self.artifact_location.rstrip('/')}/{self.experiment_name}"
+        try:
+            return mlflow.create_experiment(self.experiment_name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            # created meanwhile by a concurrent run
+            return mlflow.get_experiment_by_name(self.experiment_name).experiment_id
 
 
 def resolve_mlflow_config() -> MLflowConfig:

@@ -9,7 +9,6 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from blocks.mlflow_config import resolve_mlflow_config
 from tasks.errors import ConfigurationError, DataError
 from tasks.registry import (alias_map, mlflow_client, model_slug, promote_alias, register_version,
                             validate_model_name)
@@ -54,8 +53,6 @@ def train_model(
     validate_model_name(model_name)
     if not time_budget_s or time_budget_s <= 0:
         raise ConfigurationError(f"time_budget_s must be positive, got {time_budget_s}")
-    config = resolve_mlflow_config()
-    config.apply()
 
     loaded = load_data(data)
     prepared = prepare_training_data(loaded, target, task, metric, random_state)
@@ -84,7 +81,7 @@ def train_model(
                    for r in ranked]
     logger.info("best candidate %s: cv %s = %.4f", best.candidate.label, prepared.metric, best.mean)
 
-    logged = refit_and_log(prepared, best, model_name, config.experiment_name, random_state,
+    logged = refit_and_log(prepared, best, model_name, random_state,
                            leaderboard)
     version = register_version(
         model_name, logged.model_uri, logged.run_id,
@@ -92,7 +89,7 @@ def train_model(
                      f" holdout {prepared.metric} {logged.holdout_metrics[prepared.metric]:.4f}"),
         tags={"mlops.family": logged.family, "mlops.target": target, "mlops.task": prepared.schema.task,
               "mlops.metric": prepared.metric},
-        schema_json=logged.schema_json)
+        schema_json=logged.input_schema)
 
     alias = initial_alias(promote, "champion" in alias_map(mlflow_client(), model_name))
     if alias is not None:

@@ -296,3 +296,23 @@ def read_versions(model_name: str) -> list[VersionInfo]:
     client = mlflow_client()
     get_registered_model(client, model_name)
     return [version_info(client, mv) for mv in _existing_versions(client, model_name)]
+
+
+@task(name="check-model-source")
+def check_model_source(model_uri: str | None, run_id: str | None) -> str:
+    """The model URI to register, verified to exist before anything is written."""
+    if not model_uri and not run_id:
+        raise RegistryError("pass model_uri (e.g. runs:/<run_id>/model or models:/m-<id>) or run_id")
+    client = mlflow_client()
+    uri = model_uri or f"runs:/{run_id}/model"
+    try:
+        if run_id:
+            client.get_run(run_id)
+        if uri.startswith("runs:/"):
+            client.get_run(uri[len("runs:/"):].split("/")[0])
+        elif uri.startswith("models:/m-"):
+            client.get_logged_model(uri[len("models:/"):].split("/")[0])
+    except MlflowException as exc:
+        raise RegistryError(f"model source {uri!r} does not exist in MLflow "
+                            f"({exc.error_code}); log the model first") from None
+    return uri

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 from sklearn.model_selection import train_test_split
 
+from blocks.mlflow_config import resolve_mlflow_config
 from tasks.data import LoadedData, load_table, validate_training_frame
 from tasks.errors import DataError
 from tasks.training_search import (Candidate, CandidateScore, Schema, cross_validate,
@@ -134,11 +135,11 @@ class LoggedModel(BaseModel):
     model_uri: str
     family: str
     holdout_metrics: dict[str, float]
-    schema_json: str
+    input_schema: str
 
 
 @task(name="refit-and-log-model", cache_policy=NO_CACHE)
-def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str, experiment: str,
+def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str,
                   random_state: int, leaderboard: list[dict]) -> LoggedModel:
     """Refit the best candidate, measure it on the holdout, log it with what later steps need."""
     import mlflow
@@ -152,8 +153,8 @@ def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str, exp
         model, data.X_holdout.iloc[:importance_rows], data.y_holdout.iloc[:importance_rows],
         data.schema.task, random_state)
     schema_json = json.dumps(data.schema.to_dict(), sort_keys=True, default=str)
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=f"{model_name}-{best.candidate.family}") as run:
+    experiment_id = resolve_mlflow_config().ensure_experiment()
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{model_name}-{best.candidate.family}") as run:
         mlflow.log_params({"family": best.candidate.family, **best.candidate.params,
                            "random_state": random_state, "n_train_rows": len(data.X)})
         mlflow.log_metrics({f"holdout_{k}": v for k, v in holdout.items()})
@@ -180,7 +181,7 @@ def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str, exp
                                         skops_trusted_types=trusted_types(model))
     return LoggedModel(run_id=run.info.run_id, model_uri=info.model_uri,
                        family=best.candidate.family, holdout_metrics=holdout,
-                       schema_json=schema_json)
+                       input_schema=schema_json)
 
 
 def load_artifact_json(run_id: str, name: str):

@@ -1,0 +1,85 @@
+"""Registry flows: register, promote, roll back, list and compare versions (DESIGN.md §5)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.comparison import Comparison, compare_recorded, score_version, scores_table
+from tasks.events import emit_model_event
+from tasks.registry import (VersionInfo, check_model_source, find_previous_champion, find_version,
+                            model_slug, promote_alias, read_versions, register_version,
+                            validate_model_name)
+from tasks.training import load_data
+
+Stage = Literal["champion", "challenger", "Production", "Staging"]
+
+
+@flow(name="register-model")
+def register_model(model_name: str, model_uri: str | None = None, run_id: str | None = None,
+                   description: str = "", metrics: dict[str, float] | None = None,
+                   tags: dict[str, str] | None = None) -> VersionInfo:
+    """Register a logged model (a model URI or a run id) as a new version of `model_name`.
+    Registering the same source again returns the existing version."""
+    validate_model_name(model_name)
+    uri = check_model_source(model_uri, run_id)
+    return register_version(model_name, uri, run_id, description, tags or {}, metrics or {})
+
+
+@flow(name="promote-model")
+def promote_model(model_name: str, version: int | str, stage: Stage = "champion",
+                  reason: str = "") -> VersionInfo:
+    """Point `champion` (seed: Production) or `challenger` (seed: Staging) at a version."""
+    target = find_version(model_name, version)
+    info = promote_alias(model_name, target.version, stage, reason)
+    emit_model_event(model_name, "mlops.model.promoted",
+                     {"version": info.version, "stage": stage, "reason": reason})
+    _publish_aliases(model_name, f"v{info.version} promoted to {stage}: {reason or 'no reason given'}")
+    return info
+
+
+@flow(name="rollback-model")
+def rollback_model(model_name: str, version: int | str | None = None, reason: str = "") -> VersionInfo:
+    """Make the previous champion (or a named version) champion again."""
+    validate_model_name(model_name)
+    target = find_version(model_name, version if version is not None else find_previous_champion(model_name))
+    info = promote_alias(model_name, target.version, "champion", reason or "rollback", kind="rollback")
+    emit_model_event(model_name, "mlops.model.rolled-back", {"version": info.version, "reason": reason})
+    _publish_aliases(model_name, f"rolled back to v{info.version}: {reason or 'no reason given'}")
+    return info
+
+
+@flow(name="list-versions")
+def list_versions(model_name: str) -> list[VersionInfo]:
+    """Every version of a model, newest first, with aliases, semver, metrics and tags."""
+    return read_versions(model_name)
+
+
+@flow(name="compare-versions")
+def compare_versions(model_name: str, version_a: int | str, version_b: int | str,
+                     data: Any = None) -> Comparison:
+    """Recorded metric and parameter differences (b − a); with `data` (labelled rows), both
+    versions scored on the same rows against the target they were trained on."""
+    comparison = compare_recorded(model_name, version_a, version_b)
+    if data is not None:
+        loaded = load_data(data)
+        scores = {str(v): score_version(model_name, v, loaded)
+                  for v in (comparison.version_a, comparison.version_b)}
+        comparison.scores_on_data = scores
+        comparison.n_rows = len(loaded.frame)
+        create_table_artifact(key=f"compare-{model_slug(model_name)}", table=scores_table(scores),
+                              description=f"{model_name}: v{comparison.version_a} vs "
+                                          f"v{comparison.version_b} on {len(loaded.frame)} rows")
+    return comparison
+
+
+def _publish_aliases(model_name: str, headline: str) -> None:
+    versions = read_versions.fn(model_name)
+    rows = "\n".join(f"| v{v.version} | {', '.join(v.aliases) or '—'} | {v.semver or ''} | "
+                     f"{v.description[:60]} |" for v in versions[:10])
+    create_markdown_artifact(
+        key=f"registry-{model_slug(model_name)}",
+        markdown=f"## {model_name}\n\n{headline}\n\n| version | aliases | semver | description |\n"
+                 f"|---|---|---|---|\n{rows}\n",
+        description=headline)
