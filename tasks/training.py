@@ -28,6 +28,7 @@ N_FOLDS = 5
 HOLDOUT_SHARE = 0.2
 HOLDOUT_MAX_ROWS = 5000  # rows of the holdout stored with the version (labels included)
 FIRST_ROUND_ROWS = 3000  # successive halving: everyone on this many rows, the best half on all
+IMPORTANCE_ROWS = 600  # holdout rows used for permutation importances
 # skops refuses unknown types at load; these are the ones our three families are made of.
 REVIEWED_TYPE_PREFIXES = ("sklearn.", "numpy.", "builtins.", "collections.")
 
@@ -120,6 +121,14 @@ def library_versions() -> dict[str, str]:
             "prefect": prefect.__version__}
 
 
+def model_requirements() -> list[str]:
+    """What a scikit-learn pipeline of ours needs to load elsewhere, pinned to what trained it."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in
+            ("scikit-learn", "numpy", "scipy", "pandas", "skops", "mlflow")]
+
+
 def trusted_types(model) -> list[str]:
     import skops.io
 
@@ -148,7 +157,7 @@ def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str,
     model = build_pipeline(data.schema, best.candidate.family, best.candidate.params, random_state)
     model.fit(data.X, data.y)
     holdout = evaluate_metrics(model, data.X_holdout, data.y_holdout, data.schema.task)
-    importance_rows = min(len(data.X_holdout), 1000)
+    importance_rows = min(len(data.X_holdout), IMPORTANCE_ROWS)
     importances = permutation_importance_by_column(
         model, data.X_holdout.iloc[:importance_rows], data.y_holdout.iloc[:importance_rows],
         data.schema.task, random_state)
@@ -177,8 +186,10 @@ def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str,
             sample.to_parquet(tmpdir / "holdout.parquet", index=False)
             mlflow.log_artifacts(str(tmpdir), artifact_path="mlops")
         signature = infer_signature(data.X.iloc[:50], model.predict(data.X.iloc[:50]))
+        # explicit requirements: MLflow's inference of them costs ~13 s a model here
         info = mlflow.sklearn.log_model(model, name="model", signature=signature,
-                                        skops_trusted_types=trusted_types(model))
+                                        skops_trusted_types=trusted_types(model),
+                                        pip_requirements=model_requirements())
     return LoggedModel(run_id=run.info.run_id, model_uri=info.model_uri,
                        family=best.candidate.family, holdout_metrics=holdout,
                        input_schema=schema_json)
