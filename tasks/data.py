@@ -54,24 +54,33 @@ def _parse(raw: bytes | Path, suffix: str, ref: str) -> pd.DataFrame:
 
 
 def _read_s3(uri: str) -> bytes:
+    from botocore.exceptions import ClientError
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
     from prefect_aws.s3 import S3Bucket
 
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not bucket or not key:
         raise DataError(f"{uri!r} is not an object URI; expected s3://<bucket>/<key>")
-    with get_client(sync_client=True) as client:
-        documents = client.read_block_documents_by_type("s3-bucket")
-    names = [d.name for d in documents if (d.data or {}).get("bucket_name") == bucket]
+    try:
+        with get_client(sync_client=True) as client:
+            documents = client.read_block_documents_by_type("s3-bucket")
+    except ObjectNotFound:  # the S3Bucket block type is not registered on this server
+        documents = []
+    names = sorted(d.name for d in documents if (d.data or {}).get("bucket_name") == bucket)
     if not names:
         raise DataError(
             f"no saved S3Bucket block for bucket {bucket!r} (needed to read {uri!r}); save one, "
             "e.g. S3Bucket(bucket_name=..., credentials=MinIOCredentials(...)).save('name')"
         )
-    block = S3Bucket.load(names[0])
+    # the URI names the full key: read it as is, not under the block's bucket_folder
+    block = S3Bucket.load(names[0]).model_copy(update={"bucket_folder": ""})
     try:
         return block.read_path(key)
-    except Exception as exc:
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+            raise DataError(f"no object {key!r} in bucket {bucket!r} (S3Bucket block {names[0]!r}); "
+                            "check the key: the URI must name the full key, folders included") from exc
         raise DataError(f"cannot read {uri!r} through S3Bucket block {names[0]!r}: {exc}") from exc
 
 
@@ -130,7 +139,8 @@ def validate_training_frame(frame: pd.DataFrame, target: str, task: str, n_folds
         return resolved
     counts = y.value_counts()
     if len(counts) < 2:
-        raise DataError(f"target {target!r} has only one class ({counts.index[0]!r}); "
+        only = counts.index[0].item() if hasattr(counts.index[0], "item") else counts.index[0]
+        raise DataError(f"target {target!r} has only one class ({only!r}); "
                         "a classifier needs at least two")
     if resolved == "binary" and len(counts) > 2:
         raise DataError(f"task 'binary' but target {target!r} has {len(counts)} classes; "
@@ -139,9 +149,11 @@ def validate_training_frame(frame: pd.DataFrame, target: str, task: str, n_folds
         raise DataError(f"target {target!r} has {len(counts)} classes (max {MAX_CLASSES}); "
                         "is it a continuous target? use task='regression'")
     rarest = counts.min()
+    rare_class = counts.idxmin()
+    rare_class = rare_class.item() if hasattr(rare_class, "item") else rare_class
     if rarest < n_folds:
         raise DataError(
-            f"too few rows for {n_folds}-fold cross-validation: class {counts.idxmin()!r} has "
+            f"too few rows for {n_folds}-fold cross-validation: class {rare_class!r} has "
             f"{rarest} rows; need at least {n_folds} per class (collect more data or merge rare classes)"
         )
     if n_rows < n_folds * MIN_ROWS_PER_FOLD:
