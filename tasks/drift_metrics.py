@@ -39,7 +39,7 @@ Profile KS -- the documented error bound
     ``|D_profile - D_exact| <= eps < 1 / n_quantiles`` (plus float rounding, ~1e-15), for any data:
     continuous, discrete or with ties. The p-value is the asymptotic formula of scipy's
     ``ks_2samp(method="asymp")``, ``kstwo.sf(D, N)`` with ``N = round(n m / (n + m))``, for
-    ``N <= 10,000`` and Stephens' corrected Kolmogorov limit above (see :func:`ks_p_value`).
+    ``N <= 1,000`` and Stephens' corrected Kolmogorov limit above (see :func:`ks_p_value`).
 
 PSI
     ``PSI = sum_i (q_i - p_i) ln(q_i / p_i)`` over the reference quantile bins, with ``p`` and ``q``
@@ -70,7 +70,8 @@ written as integers so ``1`` and ``1.0`` meet), ``n``, ``n_missing`` and ``missi
 * Jensen-Shannon *distance* with base-2 logarithms (in [0, 1]) -- identical to
   ``scipy.spatial.distance.jensenshannon(p, q, base=2)``;
 * ``unseen_share``: the share of current non-missing values whose category the profile does not
-  know; PSI over the categories with the same epsilon.
+  hold (with a truncated profile this includes the pooled rare categories); PSI over the
+  categories with the same epsilon.
 
 Verdict (per feature)
 ---------------------
@@ -96,7 +97,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import numpy as np
 import pandas as pd
 from scipy import stats as _stats
-from scipy.special import rel_entr
+from scipy.special import chdtrc, chdtri, kolmogorov, rel_entr
 
 from tasks.errors import DataError
 
@@ -123,6 +124,10 @@ __all__ = [
     "wasserstein_raw",
     "wasserstein_from_sketch",
     "numeric_sketch",
+    "numeric_feature_profile",
+    "numeric_feature_stats",
+    "categorical_feature_profile",
+    "categorical_feature_stats",
 ]
 
 PROFILE_FORMAT = "mlops-flows/drift-profile"
@@ -131,7 +136,6 @@ PSI_EPSILON = 1e-4
 DEFAULT_N_BINS = 10
 DEFAULT_N_QUANTILES = 2000
 DEFAULT_MAX_CATEGORIES = 1000
-OTHER_CATEGORY = "__other__"
 
 Kind = Literal["numeric", "categorical"]
 
@@ -147,10 +151,22 @@ class DriftInputError(DataError):
 class FeatureStats:
     """Drift statistics and verdict for one feature.
 
-    ``statistic``/``p_value`` belong to ``method`` ("ks", "psi" or "chi2"). ``effect`` is the
-    normalised Wasserstein distance (numeric, in reference standard deviations) or the
-    Jensen-Shannon distance base 2 (categorical). ``n_reference``/``n_current`` count the
-    non-missing values the statistics used. Fields that do not apply to a kind are ``None``.
+    * ``kind``: "numeric" | "categorical"; ``method``: the test behind ``statistic`` and
+      ``p_value`` -- "ks" (KS statistic D from the profile sketch), "psi" (PSI with its
+      chi-squared approximation) or "chi2" (chi-squared contingency test);
+    * ``drifted``: ``p_value < alpha and effect >= min_effect`` (or the missing-rate rule when
+      ``max_missing_delta`` was given);
+    * ``effect``: ``wasserstein`` for numeric features (W1 / reference sd: "moved by this many
+      sds"), ``js`` for categorical ones (Jensen-Shannon distance, base 2, in [0, 1]);
+    * ``psi`` with ``psi_threshold`` (what noise alone exceeds with probability ``alpha`` at these
+      sample sizes), ``psi_p_value`` and ``psi_exceeds_noise``;
+    * ``unseen_share`` / ``unseen_categories`` (categorical): share of current values in
+      categories the profile does not hold, and the 10 most frequent of them;
+    * ``missing_delta`` = ``missing_rate_current - missing_rate_reference``;
+    * ``n_reference`` / ``n_current``: non-missing values the statistics used;
+    * ``ks_error_bound`` (numeric): ``|statistic - exact KS| <= ks_error_bound`` for "ks".
+
+    Fields that do not apply to a kind are ``None``.
     """
 
     name: str
@@ -211,19 +227,19 @@ def psi_noise_threshold(n_reference: int, n_current: int, n_bins: int, alpha: fl
     """
     if n_bins <= 1:
         return 0.0
-    return float((1.0 / n_reference + 1.0 / n_current) * _stats.chi2.ppf(1.0 - alpha, n_bins - 1))
+    return float((1.0 / n_reference + 1.0 / n_current) * chdtri(n_bins - 1, alpha))
 
 
 def psi_p_value(value, n_reference: int, n_current: int, n_bins: int):
     """Approximate p-value of a PSI under no drift: ``chi2.sf(PSI / (1/n + 1/m), n_bins - 1)``."""
     if n_bins <= 1:
         return 1.0 if np.ndim(value) == 0 else np.ones_like(np.asarray(value, dtype=float))
-    out = _stats.chi2.sf(np.asarray(value, dtype=float) / (1.0 / n_reference + 1.0 / n_current),
-                         n_bins - 1)
+    out = chdtrc(n_bins - 1,
+                 np.asarray(value, dtype=float) / (1.0 / n_reference + 1.0 / n_current))
     return float(out) if np.ndim(out) == 0 else out
 
 
-KS_KSTWO_MAX_N = 10_000
+KS_KSTWO_MAX_N = 1_000
 
 
 def ks_p_value(d: float, n_reference: int, n_current: int, fast: bool = False) -> float:
@@ -232,17 +248,18 @@ def ks_p_value(d: float, n_reference: int, n_current: int, fast: bool = False) -
     ``fast=False``: the formula of ``scipy.stats.ks_2samp(method="asymp")``,
     ``kstwo.sf(d, N)`` with ``N = round(n m / (n + m))`` (floored at 1).
 
-    ``fast=True`` (used by :func:`compare_to_profile`): the same while ``N <= 10,000``; above,
+    ``fast=True`` (used by :func:`compare_to_profile`): the same while ``N <= 1,000``; above,
     Stephens' corrected Kolmogorov limit ``kstwobign.sf(d (sqrt(N) + 0.12 + 0.11 / sqrt(N)))``.
-    scipy's ``kstwo.sf`` takes up to ~0.7 s per call at N = 500,000 for small p-values (it
-    sums an O(N) series); the corrected limit is constant-time and within 2e-3 of it for
-    N > 10,000 (within 1e-5 near p = 0.05) -- a test checks this.
+    scipy's ``kstwo.sf`` takes 5-15 ms per call at N = 5,000-10,000 and up to ~0.7 s at
+    N = 500,000 for small p-values (it sums an O(N) series); the corrected limit is
+    constant-time and within 5e-3 of it for N > 1,000, within 3e-4 where 0.01 <= p <= 0.1
+    -- a test checks this.
     """
     big, small = sorted([float(n_reference), float(n_current)], reverse=True)
     en = max(1.0, float(np.round(big * small / (big + small))))
     if fast and en > KS_KSTWO_MAX_N:
         sq = math.sqrt(en)
-        p = _stats.kstwobign.sf(d * (sq + 0.12 + 0.11 / sq))
+        p = kolmogorov(d * (sq + 0.12 + 0.11 / sq))  # == kstwobign.sf
     else:
         p = _stats.kstwo.sf(d, en)
     return float(np.clip(p, 0.0, 1.0))
@@ -325,8 +342,9 @@ def ks_from_sketch(sketch: Mapping, current_sorted: np.ndarray) -> tuple[float, 
     The sketch ECDF ``F_hat`` equals the reference ECDF at every knot (value and left limit) and
     is linear between knots; the current ECDF ``F_cur`` is exact. Between consecutive "events"
     (knots and current values) ``F_cur`` is constant and ``F_hat`` increasing, so the supremum of
-    ``|F_hat - F_cur|`` is attained at a one-sided limit at an event; all four families of such
-    limits are evaluated below, vectorised. Cost: O(m log K) after the sort -- no reference data.
+    ``|F_hat - F_cur|`` is attained at a one-sided limit at an event; every such limit is
+    evaluated, vectorised (a few passes over the current sample plus per-knot reductions).
+    ``current_sorted`` must be non-empty. No reference data is needed.
     """
     u, le, lt, n = _sketch_arrays(sketch)
     d = _ks_sketch_statistic(u, le, lt, n, current_sorted)
@@ -334,35 +352,47 @@ def ks_from_sketch(sketch: Mapping, current_sorted: np.ndarray) -> tuple[float, 
 
 
 def _ks_sketch_statistic(u, le, lt, n, y) -> float:
+    """sup |F_hat - F_cur| for sorted ``y`` (see :func:`ks_from_sketch`)."""
     m = y.size
     J = u.size
-    pos = np.searchsorted(u, y, side="right")          # number of knots <= y
-    jc = np.maximum(pos - 1, 0)
-    nxt = np.minimum(pos, J - 1)
-    uj = u[jc]
-    lo = le[jc] / n                                    # F_ref at the knot below (right limit)
-    hi = lt[nxt] / n                                   # F_ref just before the knot above
-    width = u[nxt] - uj
-    with np.errstate(invalid="ignore", divide="ignore"):
-        right = lo + (hi - lo) * ((y - uj) / width)    # linear inside (u_j, u_{j+1})
-    exact = uj == y
-    right[exact] = lo[exact]                           # y is a knot: exact right limit
-    below = pos == 0
-    above = (pos == J) & ~exact
-    right[below] = 0.0
-    right[above] = 1.0
-    left = right.copy()
-    left[exact] = lt[jc[exact]] / n                    # ... and exact left limit
-    # F_cur(y) - F_hat(y) at current values (max reached at the last of tied values)
-    d1 = np.max(np.arange(1, m + 1, dtype=np.float64) / m - right)
-    # F_hat(y-) - F_cur(y-) at current values (max at the first of tied values)
-    d2 = np.max(left - np.arange(m, dtype=np.float64) / m)
-    # one-sided limits at the knots
-    c_left = np.searchsorted(y, u, side="left") / m
-    c_right = np.searchsorted(y, u, side="right") / m
-    d3 = np.max(c_left - lt / n)
-    d4 = np.max(le / n - c_right)
-    return float(max(0.0, d1, d2, d3, d4))
+    # Block k (k = 0..J) holds the current values with exactly k knots <= y: y < u[0] for k = 0,
+    # u[k-1] <= y < u[k] inside, y >= u[-1] for k = J. On block k
+    #     F_hat(y) = lo[k] + slope[k] * (y - base[k])
+    # (0 below the minimum, 1 from the maximum on, linear from F_ref(u[k-1]) = le[k-1]/n to
+    # F_ref(u[k]-) = lt[k]/n inside; exactly lo[k] at y == base[k], a knot's right limit).
+    lo = np.empty(J + 1)
+    lo[0] = 0.0
+    lo[1:] = le / n
+    slope = np.zeros(J + 1)
+    if J > 1:
+        slope[1:J] = (lt[1:] - le[:-1]) / n / np.diff(u)
+    base = np.empty(J + 1)
+    base[0] = u[0]
+    base[1:] = u
+    # y is sorted, so blocks are contiguous: block k starts at c_left[k-1] (#y < u[k-1]).
+    c_left = np.searchsorted(y, u, side="left")
+    c_right = np.searchsorted(y, u, side="right")
+    counts = np.diff(c_left, prepend=0, append=m)
+    start = np.concatenate([[0], c_left])
+    end = start + counts
+    # g_i = F_cur(y_i) - (F_hat(y_i) - lo[k]) = (i+1)/m - slope[k] (y_i - base[k])
+    g = np.arange(1, m + 1, dtype=np.float64)
+    g /= m
+    g -= np.repeat(slope, counts) * (y - np.repeat(base, counts))
+    # D+ at current values: F_cur(y) - F_hat(y) = g - lo[k] (max at the last of tied values)
+    nonempty = counts > 0
+    d1 = float(np.max(np.maximum.reduceat(g, start[nonempty]) - lo[nonempty]))
+    # D- at current values that are not knots: F_hat(y-) - F_cur(y-) = lo[k] + 1/m - g;
+    # values equal to the block's knot (its first ones) are left to the knot terms below.
+    start2 = start.copy()
+    start2[1:] = c_right
+    keep = start2 < end
+    d2 = float(np.max(lo[keep] + 1.0 / m - np.minimum.reduceat(g, start2[keep]))) if keep.any() else 0.0
+    # one-sided limits at the knots (exact reference values le/n and lt/n there)
+    d3 = float(np.max(c_left / m - lt / n))
+    d4 = float(np.max(le / n - c_right / m))
+    d5 = float(np.max(lt / n - c_left / m))
+    return max(0.0, d1, d2, d3, d4, d5)
 
 
 def wasserstein_raw(reference, current, scale: float | None = None) -> float:
@@ -424,7 +454,7 @@ def chi2_test(reference_counts, current_counts, correction: bool = True) -> tupl
         diff = expected - obs
         obs = obs + np.minimum(0.5, np.abs(diff)) * np.sign(diff)
     stat = float(np.sum((obs - expected) ** 2 / expected))
-    return stat, float(_stats.chi2.sf(stat, dof)), dof
+    return stat, float(chdtrc(dof, stat)), dof  # == chi2.sf(stat, dof)
 
 
 def js_distance(p, q) -> float:
@@ -505,7 +535,8 @@ def build_profile(
     dtype (bool, object, string and category -> categorical; other numbers -> numeric).
     ``n_bins``: quantile bins for PSI. ``n_quantiles``: sketch resolution; the profile KS is
     within ``1 / n_quantiles`` of the exact one. ``max_categories``: categories kept per
-    categorical feature (the rest pooled). About 30 ms per 1M-row numeric column here.
+    categorical feature (the rest pooled). About 10-30 ms per 1M-row numeric column here
+    (a sort dominates). Each feature also records the column's ``dtype``.
 
     Raises :class:`DriftInputError` for an empty frame, unknown/unsupported columns or kinds, an
     all-missing column, infinite values, or a declared-numeric column that is not numeric.
@@ -564,9 +595,12 @@ def build_profile(
             all_missing.append(str(col))
             continue
         if kind == "numeric":
-            features[str(col)] = _numeric_profile(str(col), _as_float(series), n_bins, n_quantiles)
+            fp = numeric_feature_profile(_as_float(series), n_bins, n_quantiles, name=str(col))
         else:
-            features[str(col)] = _categorical_profile(series, max_categories)
+            counts, n_miss = _category_counts(series)
+            fp = categorical_feature_profile(counts, n_miss, max_categories, name=str(col))
+        fp["dtype"] = str(series.dtype)
+        features[str(col)] = fp
     if all_missing:
         raise DriftInputError(f"reference columns are entirely missing: {all_missing}; drop "
                               "them from the features or fix the training data")
@@ -580,10 +614,19 @@ def build_profile(
     }
 
 
-def _numeric_profile(name: str, values: np.ndarray, n_bins: int, n_quantiles: int) -> dict:
+def numeric_feature_profile(values, n_bins: int = DEFAULT_N_BINS,
+                            n_quantiles: int = DEFAULT_N_QUANTILES, name: str = "values") -> dict:
+    """Profile of one numeric feature from an array (NaN = missing); see the module docstring.
+
+    What :func:`build_profile` stores per numeric column (it adds nothing else).
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
     missing = np.isnan(values)
     n_missing = int(missing.sum())
     x = values[~missing] if n_missing else values
+    if x.size == 0:
+        raise DriftInputError(f"reference column {name!r} is entirely missing; drop it from the "
+                              "features or fix the training data")
     if not np.isfinite(x).all():
         raise DriftInputError(f"reference column {name!r} contains infinite values; replace them "
                               "with NaN (missing) or finite bounds before profiling")
@@ -608,9 +651,19 @@ def _numeric_profile(name: str, values: np.ndarray, n_bins: int, n_quantiles: in
     }
 
 
-def _categorical_profile(series: pd.Series, max_categories: int) -> dict:
-    counts, n_missing = _category_counts(series)
+def categorical_feature_profile(counts: Mapping[str, int], n_missing: int = 0,
+                                max_categories: int = DEFAULT_MAX_CATEGORIES,
+                                name: str = "values") -> dict:
+    """Profile of one categorical feature from its category counts (keys: strings).
+
+    What :func:`build_profile` stores per categorical column: the ``max_categories`` most
+    frequent categories (ties by name) and the pooled count of the rest.
+    """
+    counts = {str(k): int(c) for k, c in counts.items() if int(c) > 0}
     n = sum(counts.values())
+    if n == 0:
+        raise DriftInputError(f"reference column {name!r} is entirely missing; drop it from the "
+                              "features or fix the training data")
     items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     kept = dict(items[:max_categories])
     other = int(sum(c for _, c in items[max_categories:]))
@@ -618,7 +671,7 @@ def _categorical_profile(series: pd.Series, max_categories: int) -> dict:
         "kind": "categorical",
         "n": int(n),
         "n_missing": n_missing,
-        "missing_rate": n_missing / len(series),
+        "missing_rate": n_missing / (n + n_missing),
         "categories": kept,
         "other_count": other,
         "truncated": other > 0,
@@ -690,15 +743,15 @@ def compare_to_profile(
                                   f"{list(feats)}")
         feats = {f: feats[f] for f in wanted}
 
+    if len(current) == 0:
+        raise DriftInputError("current data has no rows; a drift check needs at least one row "
+                              "of recent data")
     columns = {str(c): c for c in current.columns}
     absent = [f for f in feats if f not in columns]
     if absent:
         raise DriftInputError(
             f"current data lacks {len(absent)} profiled column(s): {absent}; pass a DataFrame "
             "with every feature the model was trained on (extra columns are ignored)")
-    if len(current) == 0:
-        raise DriftInputError("current data has no rows; a drift check needs at least one row "
-                              "of recent data")
 
     problems = []
     for name, fp in feats.items():
@@ -722,21 +775,35 @@ def compare_to_profile(
     for name, fp in feats.items():
         series = current[columns[name]]
         if fp["kind"] == "numeric":
-            fs = _numeric_stats(name, fp, series, alpha, numeric_method)
+            fs = numeric_feature_stats(fp, _as_float(series), alpha, method=numeric_method,
+                                       min_effect=_min_effect_for(min_effect, "numeric"),
+                                       max_missing_delta=max_missing_delta, name=name)
         else:
-            fs = _categorical_stats(name, fp, series, alpha)
-        significant = fs.p_value < alpha
-        big_enough = fs.effect >= _min_effect_for(min_effect, fs.kind)
-        fs.drifted = bool(significant and big_enough)
-        if max_missing_delta is not None and abs(fs.missing_delta) > max_missing_delta:
-            fs.drifted = True
+            counts, n_missing = _category_counts(series)
+            fs = categorical_feature_stats(fp, counts, n_missing, alpha,
+                                           min_effect=_min_effect_for(min_effect, "categorical"),
+                                           max_missing_delta=max_missing_delta, name=name)
         out.append(fs)
     return out
 
 
-def _numeric_stats(name: str, fp: Mapping, series: pd.Series, alpha: float,
-                   method: str) -> FeatureStats:
-    values = _as_float(series)
+def _verdict(fs: FeatureStats, alpha: float, min_effect: float,
+             max_missing_delta: float | None) -> FeatureStats:
+    fs.drifted = bool(fs.p_value < alpha and fs.effect >= min_effect)
+    if max_missing_delta is not None and abs(fs.missing_delta) > max_missing_delta:
+        fs.drifted = True
+    return fs
+
+
+def numeric_feature_stats(feature_profile: Mapping, values, alpha: float = 0.05,
+                          method: Literal["ks", "psi"] = "ks", min_effect: float = 0.0,
+                          max_missing_delta: float | None = None,
+                          name: str = "values") -> FeatureStats:
+    """Drift statistics and verdict of one numeric feature: current ``values`` (NaN = missing)
+    against its profile (``profile["features"][name]``). What :func:`compare_to_profile` runs per
+    numeric column after its input checks."""
+    fp = feature_profile
+    values = np.asarray(values, dtype=np.float64).ravel()
     missing = np.isnan(values)
     n_missing = int(missing.sum())
     y = values[~missing] if n_missing else values
@@ -744,6 +811,8 @@ def _numeric_stats(name: str, fp: Mapping, series: pd.Series, alpha: float,
         n_inf = int(np.isinf(y).sum())
         raise DriftInputError(f"current column {name!r} contains {n_inf} infinite value(s); "
                               "replace them with NaN (missing) or finite bounds")
+    if y.size == 0:
+        raise DriftInputError(f"current column {name!r} is entirely missing ({values.size} rows)")
     y = np.sort(y)
     m = y.size
     n = int(fp["n"])
@@ -767,7 +836,7 @@ def _numeric_stats(name: str, fp: Mapping, series: pd.Series, alpha: float,
     else:
         statistic, p_value = psi_value, psi_p
     miss_cur = n_missing / values.size
-    return FeatureStats(
+    fs = FeatureStats(
         name=name, kind="numeric", method=method, statistic=float(statistic),
         p_value=float(p_value), psi=float(psi_value), effect=float(w), drifted=False,
         wasserstein=float(w), missing_delta=miss_cur - float(fp["missing_rate"]),
@@ -777,10 +846,20 @@ def _numeric_stats(name: str, fp: Mapping, series: pd.Series, alpha: float,
         missing_rate_reference=float(fp["missing_rate"]), missing_rate_current=miss_cur,
         mean_reference=float(fp["mean"]), mean_current=float(y.mean()),
     )
+    return _verdict(fs, alpha, min_effect, max_missing_delta)
 
 
-def _categorical_stats(name: str, fp: Mapping, series: pd.Series, alpha: float) -> FeatureStats:
-    counts, n_missing = _category_counts(series)
+def categorical_feature_stats(feature_profile: Mapping, counts: Mapping[str, int],
+                              n_missing: int = 0, alpha: float = 0.05, min_effect: float = 0.0,
+                              max_missing_delta: float | None = None,
+                              name: str = "values") -> FeatureStats:
+    """Drift statistics and verdict of one categorical feature from its current category
+    ``counts`` (string keys, see :func:`_cat_key`) and number of missing values. What
+    :func:`compare_to_profile` runs per categorical column after its input checks."""
+    fp = feature_profile
+    counts = {str(k): int(c) for k, c in counts.items() if int(c) > 0}
+    if not counts:
+        raise DriftInputError(f"current column {name!r} is entirely missing ({n_missing} rows)")
     ref_cats: Mapping[str, int] = fp["categories"]
     truncated = bool(fp.get("truncated", False))
     keys = list(ref_cats)
@@ -804,9 +883,9 @@ def _categorical_stats(name: str, fp: Mapping, series: pd.Series, alpha: float) 
     n_cells = int(np.count_nonzero((ref_a + cur_a) > 0))
     psi_value = psi(ref_a, cur_a)
     psi_p = psi_p_value(psi_value, n, m, n_cells)
-    miss_cur = n_missing / len(series)
+    miss_cur = n_missing / (m + n_missing)
     top_unseen = [k for k, _ in sorted(unseen.items(), key=lambda kv: (-kv[1], kv[0]))[:10]]
-    return FeatureStats(
+    fs = FeatureStats(
         name=name, kind="categorical", method="chi2", statistic=stat, p_value=p_value,
         psi=float(psi_value), effect=js, drifted=False, js=js, unseen_share=n_unseen / m,
         missing_delta=miss_cur - float(fp["missing_rate"]), n_reference=n, n_current=m,
@@ -815,6 +894,7 @@ def _categorical_stats(name: str, fp: Mapping, series: pd.Series, alpha: float) 
         missing_rate_reference=float(fp["missing_rate"]), missing_rate_current=miss_cur,
         unseen_categories=top_unseen,
     )
+    return _verdict(fs, alpha, min_effect, max_missing_delta)
 
 
 # --------------------------------------------------------------------------------------------
