@@ -180,6 +180,7 @@ def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str,
             (tmpdir / "schema.json").write_text(schema_json)
             (tmpdir / "feature_importances.json").write_text(json.dumps(importances, indent=1))
             (tmpdir / "leaderboard.json").write_text(json.dumps(leaderboard, indent=1))
+            (tmpdir / "profile.json").write_text(json.dumps(reference_profile(data)))
             (tmpdir / "library_versions.json").write_text(json.dumps(library_versions(), indent=1))
             sample = data.X_holdout.iloc[:HOLDOUT_MAX_ROWS].copy()
             sample[data.schema.target] = data.y_holdout.iloc[:HOLDOUT_MAX_ROWS].to_numpy()
@@ -193,6 +194,15 @@ def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str,
     return LoggedModel(run_id=run.info.run_id, model_uri=info.model_uri,
                        family=best.candidate.family, holdout_metrics=holdout,
                        input_schema=schema_json)
+
+
+def reference_profile(data: TrainingData) -> dict:
+    """The drift reference of a version: a compact profile of the rows it was trained on."""
+    from tasks.drift_metrics import build_profile
+
+    kinds = {**{c: "numeric" for c in data.schema.numeric},
+             **{c: "categorical" for c in data.schema.categorical}}
+    return build_profile(data.X, feature_types=kinds)
 
 
 def load_artifact_json(run_id: str, name: str):

@@ -46,6 +46,9 @@ def test_first_version_is_champion_with_everything_stored(state_dir, churn, tmp_
     assert "contract" in schema["categorical"] and "tenure" in schema["numeric"]
     assert schema["categories"]["contract"] == ["Month-to-month", "One year", "Two year"]
     assert schema["classes"] == ["No", "Yes"]
+    profile = load_artifact_json(result.run_id, "profile.json")
+    assert set(profile["features"]) == set(schema["numeric"] + schema["categorical"])
+    assert profile["n_rows"] == 1200  # the training rows, holdout excluded
     importances = load_artifact_json(result.run_id, "feature_importances.json")
     assert set(importances) == set(schema["numeric"] + schema["categorical"])
     assert abs(sum(importances.values()) - 1) < 1e-9
