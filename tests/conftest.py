@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -19,10 +20,23 @@ def prefect_api():
         yield
 
 
+@pytest.fixture(scope="session")
+def mlflow_template_db(tmp_path_factory):
+    """An MLflow SQLite store with every migration applied, made once: a fresh store costs ~1.5 s
+    of migrations, and most tests want one."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def state_dir(tmp_path, monkeypatch):
+def state_dir(tmp_path, monkeypatch, mlflow_template_db):
     """A fresh embedded state folder (MLflow SQLite store, artifacts, SQL store) for one test."""
     home = tmp_path / "state"
+    home.mkdir()
+    shutil.copyfile(mlflow_template_db, home / "mlflow.db")
     monkeypatch.setenv("MLOPS_HOME", str(home))
     return home
 

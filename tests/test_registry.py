@@ -7,6 +7,7 @@ import mlflow
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from blocks.mlflow_config import resolve_mlflow_config
 from flows.registry import (compare_versions, list_versions, promote_model, register_model,
                             rollback_model)
 from flows.training import train_model
@@ -18,9 +19,9 @@ from tasks.registry import HISTORY_TAG, alias_map, apply_retention, mlflow_clien
 
 def log_tiny_model(accuracy: float = 0.9, C: float = 1.0) -> str:
     """A real (small) sklearn model logged to MLflow; returns its run id."""
-    mlflow_client()  # points MLflow at the configuration in force
+    experiment_id = resolve_mlflow_config().ensure_experiment()
     model = LogisticRegression(C=C).fit([[0.0], [1.0], [2.0], [3.0]], [0, 0, 1, 1])
-    with mlflow.start_run() as run:
+    with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.log_param("C", C)
         mlflow.log_metric("holdout_accuracy", accuracy)
         mlflow.sklearn.log_model(model, name="model", pip_requirements=["scikit-learn"])
