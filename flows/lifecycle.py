@@ -91,4 +91,8 @@ if __name__ == "__main__":
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    print("\n".join(["", "mlops-flows lifecycle summary", "-" * 30, *lifecycle()]))
+    from flows.local_runs import local_run_settings
+
+    with local_run_settings():
+        summary = lifecycle()
+    print("\n".join(["", "mlops-flows lifecycle summary", "-" * 30, *summary]))

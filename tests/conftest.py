@@ -16,7 +16,9 @@ from prefect.testing.utilities import prefect_test_harness
 @pytest.fixture(scope="session", autouse=True)
 def prefect_api():
     """A real (embedded) Prefect API server shared by the whole session (DESIGN.md §3)."""
-    with prefect_test_harness(server_startup_timeout=60):
+    from flows.local_runs import local_run_settings
+
+    with prefect_test_harness(server_startup_timeout=60), local_run_settings():
         yield
 
 

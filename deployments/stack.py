@@ -1,0 +1,277 @@
+"""Helpers for deployments/up.sh and down.sh (run with the project's Python, never imported by flows).
+
+    python deployments/stack.py spawn LOG PIDFILE -- CMD...   start CMD in its own session, print pid
+    python deployments/stack.py wait-http URL TIMEOUT PIDFILE LOG   wait until URL answers 2xx
+    python deployments/stack.py wait-worker API POOL NAME TIMEOUT PIDFILE LOG
+    python deployments/stack.py ensure-db URL                  CREATE DATABASE if absent (PostgreSQL)
+    python deployments/stack.py drop-db URL                    DROP DATABASE if present (PostgreSQL)
+    python deployments/stack.py save-mlflow-config TRACKING_URI
+    python deployments/stack.py profile-activate NAME API_URL STATEFILE
+    python deployments/stack.py profile-restore STATEFILE
+
+Each command prints one line a shell can use and exits non-zero with a message on failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+# Loopback services: never through an HTTP(S)_PROXY from the environment.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _leader_alive(pidfile: str) -> bool:
+    """Whether the process recorded in PIDFILE (first field) still exists."""
+    try:
+        pid = int(Path(pidfile).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie leader (exited, not yet reaped) counts as dead.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except OSError:
+        return True
+
+
+def spawn(log: str, pidfile: str, cmd: list[str]) -> None:
+    """Start CMD detached in a new session (pid == process group id), output appended to LOG."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
+    lstart = subprocess.run(
+        ["ps", "-o", "lstart=", "-p", str(proc.pid)], capture_output=True, text=True
+    ).stdout.strip()
+    Path(pidfile).write_text(f"{proc.pid} {lstart}\n")
+    print(proc.pid)
+
+
+def _tail(path: str, lines: int = 25) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_http(url: str, timeout: float, pidfile: str, log: str | None = None) -> None:
+    """Wait until URL answers 2xx; fail early when the process in PIDFILE died."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with _OPENER.open(url, timeout=2) as resp:
+                if 200 <= resp.status < 300:
+                    return
+                last = f"HTTP {resp.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        if not _leader_alive(pidfile):
+            _fail(f"the process serving {url} exited; last log lines:\n{_tail(log or '')}")
+        time.sleep(0.25)
+    _fail(f"{url} did not answer within {timeout:.0f}s ({last}); last log lines:\n{_tail(log or '')}")
+
+
+def wait_worker(api: str, pool: str, name: str, timeout: float, pidfile: str, log: str) -> None:
+    """Wait until the worker NAME has sent a heartbeat to POOL since its process started.
+
+    (A worker of the same name from an earlier session may still be listed as ONLINE.)
+    """
+    from datetime import datetime
+
+    started = Path(pidfile).stat().st_mtime - 1
+    deadline = time.monotonic() + timeout
+    url = f"{api}/work_pools/{pool}/workers/filter"
+    while time.monotonic() < deadline:
+        req = urllib.request.Request(
+            url, data=b"{}", headers={"Content-Type": "application/json"}, method="POST"
+        )
+        try:
+            with _OPENER.open(req, timeout=5) as resp:
+                workers = json.load(resp)
+            for w in workers:
+                beat = w.get("last_heartbeat_time")
+                if w.get("name") == name and beat and datetime.fromisoformat(beat).timestamp() >= started:
+                    return
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        if not _leader_alive(pidfile):
+            _fail(f"worker {name!r} exited; last log lines:\n{_tail(log)}")
+        time.sleep(0.25)
+    _fail(f"worker {name!r} did not come online within {timeout:.0f}s; log:\n{_tail(log)}")
+
+
+def _pg_admin(url: str):
+    """(psycopg2 connection to the maintenance database, database name) for a SQLAlchemy URL."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if not u.drivername.startswith("postgresql"):
+        return None, None
+    import psycopg2
+
+    host, port = u.host or "127.0.0.1", u.port or 5432
+    try:
+        conn = psycopg2.connect(
+            dbname="postgres",
+            user=u.username,
+            password=u.password,
+            host=host,
+            port=port,
+            **{k: v for k, v in u.query.items() if isinstance(v, str)},
+        )
+    except psycopg2.OperationalError as exc:
+        _fail(
+            f"cannot connect to PostgreSQL at {host}:{port} as {u.username!r} to create or drop "
+            f"database {u.database!r}: {str(exc).strip()} (is the server running, and may this "
+            "user create databases?)"
+        )
+    conn.autocommit = True
+    return conn, u.database
+
+
+def ensure_db(url: str) -> None:
+    conn, name = _pg_admin(url)
+    if conn is None:
+        print("not postgresql: nothing to create")
+        return
+    from psycopg2 import sql
+
+    try:  # autocommit, no `with conn` (that opens a transaction; CREATE DATABASE refuses one)
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone():
+                print(f"PostgreSQL database {name} exists")
+                return
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            print(f"PostgreSQL database {name} created")
+    finally:
+        conn.close()
+
+
+def drop_db(url: str) -> None:
+    conn, name = _pg_admin(url)
+    if conn is None:
+        return
+    from psycopg2 import sql
+
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    finally:
+        conn.close()
+    print(f"PostgreSQL database {name} dropped")
+
+
+def save_mlflow_config(tracking_uri: str) -> None:
+    """Save the `default` MLflowConfig document every flow resolves (blocks/mlflow_config.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from blocks.mlflow_config import DEFAULT_DOCUMENT, MLflowConfig
+
+    MLflowConfig(tracking_uri=tracking_uri).save(DEFAULT_DOCUMENT, overwrite=True)
+    print(f"MLflowConfig/{DEFAULT_DOCUMENT} -> {tracking_uri}")
+
+
+def profile_activate(name: str, api_url: str, statefile: str) -> None:
+    """Create/update Prefect profile NAME with PREFECT_API_URL and make it the active one.
+
+    What was active before (and whether NAME existed) is recorded in STATEFILE, once: a second
+    `up` keeps the original record, so `profile-restore` returns to what the user had.
+    """
+    from prefect.settings import PREFECT_API_URL, load_profiles, save_profiles
+
+    from prefect.settings import get_current_settings
+
+    profiles = load_profiles()
+    state = Path(statefile)
+    if not state.exists():
+        record = {
+            "profile": name,
+            "previous": profiles.active_name,
+            "created": name not in profiles.names,
+            "profiles_file": str(get_current_settings().profiles_path),
+            "file_existed": get_current_settings().profiles_path.exists(),
+        }
+        state.write_text(json.dumps(record) + "\n")
+    profiles.update_profile(name, {PREFECT_API_URL: api_url})
+    profiles.set_active(name)
+    save_profiles(profiles)
+    print(name)
+
+
+def profile_restore(statefile: str) -> None:
+    """Undo `profile-activate`: re-activate the previous profile, remove NAME if up created it."""
+    from prefect.settings import load_profiles, save_profiles
+
+    state = Path(statefile)
+    if not state.exists():
+        return
+    recorded = json.loads(state.read_text())
+    name, previous = recorded.get("profile"), recorded.get("previous")
+    profiles = load_profiles()
+    if profiles.active_name == name:  # the user did not switch meanwhile
+        profiles.set_active(previous if previous in profiles.names else None, check=False)
+    if recorded.get("created") and name in profiles.names and profiles.active_name != name:
+        profiles.remove_profile(name)
+    save_profiles(profiles)
+    path = Path(recorded.get("profiles_file") or "")
+    if recorded.get("file_existed") is False and path.is_file():
+        # up.sh created the profiles file; remove it again when nothing else was added to it.
+        if not load_profiles(include_defaults=False).names:
+            path.unlink()
+    state.unlink()
+    print(profiles.active_name or "")
+
+
+def main(argv: list[str]) -> None:
+    if not argv:
+        _fail(__doc__)
+    cmd, args = argv[0], argv[1:]
+    if cmd == "spawn":
+        if "--" not in args:
+            _fail("spawn LOG PIDFILE -- CMD...")
+        i = args.index("--")
+        spawn(args[0], args[1], args[i + 1 :])
+    elif cmd == "wait-http":
+        wait_http(args[0], float(args[1]), args[2], args[3] if len(args) > 3 else None)
+    elif cmd == "wait-worker":
+        wait_worker(args[0], args[1], args[2], float(args[3]), args[4], args[5])
+    elif cmd == "ensure-db":
+        ensure_db(args[0])
+    elif cmd == "drop-db":
+        drop_db(args[0])
+    elif cmd == "save-mlflow-config":
+        save_mlflow_config(args[0])
+    elif cmd == "profile-activate":
+        profile_activate(args[0], args[1], args[2])
+    elif cmd == "profile-restore":
+        profile_restore(args[0])
+    else:
+        _fail(f"unknown command {cmd!r}\n{__doc__}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

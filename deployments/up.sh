@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# Bring up the local mlops-flows stack (`make up`; the end-to-end tests run this same script):
+#
+#   Prefect server + UI   http://127.0.0.1:$PREFECT_PORT      (SQLite, or PREFECT_DATABASE_URL)
+#   MLflow server + UI    http://127.0.0.1:$MLFLOW_PORT       (SQLite, or MLFLOW_BACKEND_STORE_URI;
+#                                                              artifacts served from the stack dir)
+#   block types registered, MLflowConfig "default" -> the MLflow server
+#   work pool "mlops" (process) + every deployment in prefect.yaml (`prefect deploy --all`)
+#   a process worker polling queue "ml-retraining-queue"
+#   Prefect profile "mlops" (PREFECT_API_URL -> this server) made active; down.sh restores yours
+#
+# Idempotent: services already running are kept, configuration is re-applied (re-run it after
+# editing prefect.yaml). Stop with deployments/down.sh (`make down`); data stays in the stack dir.
+#
+# Settings (environment variables, defaults in brackets):
+#   PREFECT_PORT [4200]  MLFLOW_PORT [5000]  MLOPS_HOST [127.0.0.1]
+#   MLOPS_STACK_DIR [.mlops/stack]    PIDs, logs, SQLite databases, MLflow artifacts, PREFECT_HOME
+#   PREFECT_DATABASE_URL              e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/prefect
+#   MLFLOW_BACKEND_STORE_URI          e.g. postgresql://postgres@127.0.0.1:5432/mlflow
+#                                     (PostgreSQL databases are created when absent)
+#   MLOPS_PREFECT_PROFILE [mlops]     '' leaves your Prefect profiles alone (then export the
+#                                     PREFECT_API_URL printed at the end)
+#   MLFLOW_WORKERS [1]  PREFECT_WORKER_QUERY_SECONDS [1]  MLOPS_START_TIMEOUT [180]
+#   MLOPS_LOG_LEVEL [INFO]            log level of the servers, the worker and the flow runs
+#   MLOPS_PYTHON [.venv/bin/python]   the interpreter with the project's requirements
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+cd "$ROOT"
+
+HOST="${MLOPS_HOST:-127.0.0.1}"
+PREFECT_PORT="${PREFECT_PORT:-4200}"
+MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+STACK_DIR="${MLOPS_STACK_DIR:-$ROOT/.mlops/stack}"
+PROFILE="${MLOPS_PREFECT_PROFILE-mlops}"
+TIMEOUT="${MLOPS_START_TIMEOUT:-180}"
+LOG_LEVEL="${MLOPS_LOG_LEVEL:-INFO}"
+WORK_POOL="mlops"                  # fixed: prefect.yaml names it
+WORK_QUEUE="ml-retraining-queue"   # fixed: prefect.yaml names it
+WORKER_NAME="mlops-worker"
+PY="${MLOPS_PYTHON:-$ROOT/.venv/bin/python}"
+if [ ! -x "$PY" ]; then
+  echo "error: no Python at $PY (run 'make venv' or set MLOPS_PYTHON)" >&2
+  exit 1
+fi
+
+mkdir -p "$STACK_DIR"
+STACK_DIR="$(cd "$STACK_DIR" && pwd -P)"
+LOGS="$STACK_DIR/logs"
+PIDS="$STACK_DIR/pids"
+mkdir -p "$LOGS" "$PIDS" "$STACK_DIR/prefect" "$STACK_DIR/mlflow/artifacts"
+
+PREFECT_API="http://$HOST:$PREFECT_PORT/api"
+PREFECT_UI="http://$HOST:$PREFECT_PORT"
+MLFLOW_URI="http://$HOST:$MLFLOW_PORT"
+PREFECT_DB="${PREFECT_DATABASE_URL:-sqlite+aiosqlite:///$STACK_DIR/prefect/prefect.db}"
+MLFLOW_DB="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$STACK_DIR/mlflow/mlflow.db}"
+# SQLAlchemy 2.1 maps a bare postgresql:// to psycopg (3), which is not installed: name the drivers
+# the servers need (asyncpg for Prefect, psycopg2 for MLflow).
+case "$PREFECT_DB" in
+  postgresql://* | postgres://*) PREFECT_DB="postgresql+asyncpg://${PREFECT_DB#*://}" ;;
+esac
+case "$MLFLOW_DB" in
+  postgresql://* | postgres://*) MLFLOW_DB="postgresql+psycopg2://${MLFLOW_DB#*://}" ;;
+esac
+started_at=$SECONDS
+
+# Keep the caller's Prefect profile location for the profile step at the end; everything the
+# stack runs uses its own PREFECT_HOME so it never reads or writes ~/.prefect.
+USER_PREFECT_HOME="${PREFECT_HOME-}"
+USER_PREFECT_PROFILES_PATH="${PREFECT_PROFILES_PATH-}"
+USER_PREFECT_API_URL="${PREFECT_API_URL-}"
+USER_PREFECT_PROFILE="${PREFECT_PROFILE-}"
+unset PREFECT_PROFILE PREFECT_API_KEY PREFECT_API_DATABASE_CONNECTION_URL
+export PREFECT_HOME="$STACK_DIR/prefect"
+export PREFECT_PROFILES_PATH="$PREFECT_HOME/profiles.toml"
+export PREFECT_API_URL="$PREFECT_API"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_LOGGING_LEVEL="$LOG_LEVEL"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export GIT_PYTHON_REFRESH="${GIT_PYTHON_REFRESH:-quiet}"
+# Loopback traffic never goes through a proxy configured in the environment.
+export NO_PROXY="${NO_PROXY:+$NO_PROXY,}$HOST,127.0.0.1,localhost" no_proxy="${no_proxy:+$no_proxy,}$HOST,127.0.0.1,localhost"
+
+say() { printf '[up] %s\n' "$*"; }
+on_exit() {
+  local rc=$?
+  if [ "$rc" -ne 0 ] && [ -n "$(ls "$PIDS" 2>/dev/null)" ]; then
+    echo "[up] failed (exit $rc). Logs: $LOGS. What did start keeps running: stop it with" \
+      "'make down' (MLOPS_STACK_DIR=$STACK_DIR bash deployments/down.sh)" >&2
+  fi
+}
+trap on_exit EXIT
+stack() { "$PY" "$ROOT/deployments/stack.py" "$@"; }
+prefect_cli() { "$PY" -m prefect --no-prompt "$@"; }
+# The database URL with any password hidden, for printing.
+redact() { sed -E 's#(://[^:/@]+):[^@]*@#\1:***@#' <<<"$1"; }
+
+running() {  # running NAME -> 0 when the process recorded in pids/NAME.pid is alive and ours
+  local file="$PIDS/$1.pid" pid lstart
+  [ -f "$file" ] || return 1
+  read -r pid lstart <"$file" || return 1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  [ "$(ps -o lstart= -p "$pid" 2>/dev/null | xargs)" = "$(xargs <<<"$lstart")" ]
+}
+
+port_busy() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
+
+# The settings a running stack was started with must match this invocation's.
+SETTINGS="$STACK_DIR/stack.settings"
+current_settings="HOST=$HOST PREFECT_PORT=$PREFECT_PORT MLFLOW_PORT=$MLFLOW_PORT PREFECT_DB=$(redact "$PREFECT_DB") MLFLOW_DB=$(redact "$MLFLOW_DB")"
+if { running prefect-server || running mlflow-server || running worker; } && [ -f "$SETTINGS" ]; then
+  if [ "$(cat "$SETTINGS")" != "$current_settings" ]; then
+    echo "error: a stack is already running in $STACK_DIR with other settings:" >&2
+    echo "  running:   $(cat "$SETTINGS")" >&2
+    echo "  requested: $current_settings" >&2
+    echo "run deployments/down.sh (make down) first, or use another MLOPS_STACK_DIR" >&2
+    exit 1
+  fi
+fi
+echo "$current_settings" >"$SETTINGS"
+
+start_service() {  # start_service NAME PORT|- CMD... (skips when already running)
+  local name=$1 port=$2
+  shift 2
+  if running "$name"; then
+    say "$name already running (pid $(cut -d' ' -f1 "$PIDS/$name.pid"))"
+    return 0
+  fi
+  if [ "$port" != - ] && port_busy "$port"; then
+    echo "error: port $port on $HOST is in use by another program: stop it or choose another" \
+      "port (PREFECT_PORT / MLFLOW_PORT)" >&2
+    exit 1
+  fi
+  local pid
+  pid=$(stack spawn "$LOGS/$name.log" "$PIDS/$name.pid" -- "$@")
+  say "$name starting (pid $pid, log $LOGS/$name.log)"
+}
+
+# ---- pre-flight: ports of the servers still to start must be free -------------------------------
+for service_port in "prefect-server:$PREFECT_PORT" "mlflow-server:$MLFLOW_PORT"; do
+  if ! running "${service_port%%:*}" && port_busy "${service_port##*:}"; then
+    echo "error: port ${service_port##*:} on $HOST (for the ${service_port%%:*}) is in use by another" \
+      "program: stop it or choose another port (PREFECT_PORT / MLFLOW_PORT)" >&2
+    exit 1
+  fi
+done
+
+# ---- databases --------------------------------------------------------------------------------
+for url in "$PREFECT_DB" "$MLFLOW_DB"; do
+  if [[ "$url" == postgresql* ]]; then
+    msg=$(stack ensure-db "$url")
+    say "$msg"
+  fi
+done
+
+# ---- servers (started together, then awaited) --------------------------------------------------
+PREFECT_SERVER_DATABASE_CONNECTION_URL="$PREFECT_DB" PREFECT_SERVER_LOGGING_LEVEL="$LOG_LEVEL" \
+  start_service prefect-server "$PREFECT_PORT" \
+  "$PY" -m prefect server start --host "$HOST" --port "$PREFECT_PORT" --analytics-off
+
+# Job execution (huey consumers, for GenAI judges) is off: it costs ~1 GB of RAM and is unused here.
+# The backend store URI goes through the environment (MLFLOW_BACKEND_STORE_URI), not argv: `ps`
+# would show a password.
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
+  MLFLOW_BACKEND_STORE_URI="$MLFLOW_DB" \
+  start_service mlflow-server "$MLFLOW_PORT" \
+  "$PY" -m mlflow server --host "$HOST" --port "$MLFLOW_PORT" \
+  --workers "${MLFLOW_WORKERS:-1}" \
+  --serve-artifacts --artifacts-destination "$STACK_DIR/mlflow/artifacts" \
+  --allowed-hosts "$HOST:$MLFLOW_PORT,$HOST,localhost:$MLFLOW_PORT,localhost,127.0.0.1:$MLFLOW_PORT,127.0.0.1"
+
+stack wait-http "$PREFECT_API/health" "$TIMEOUT" "$PIDS/prefect-server.pid" "$LOGS/prefect-server.log"
+say "Prefect server answers at $PREFECT_API ($((SECONDS - started_at)) s)"
+stack wait-http "$MLFLOW_URI/health" "$TIMEOUT" "$PIDS/mlflow-server.pid" "$LOGS/mlflow-server.log"
+say "MLflow server answers at $MLFLOW_URI ($((SECONDS - started_at)) s)"
+
+# ---- configuration ------------------------------------------------------------------------------
+prefect_cli block register -m blocks >"$LOGS/setup.log" 2>&1 \
+  || { cat "$LOGS/setup.log" >&2; exit 1; }
+say "block types registered (prefect block register -m blocks)"
+msg=$(stack save-mlflow-config "$MLFLOW_URI")
+say "$msg"
+
+if out=$(prefect_cli work-pool create "$WORK_POOL" --type process 2>&1); then
+  say "work pool $WORK_POOL created (process)"
+elif grep -q "already exists" <<<"$out"; then
+  say "work pool $WORK_POOL exists"
+else
+  echo "$out" >&2
+  exit 1
+fi
+
+# The worker starts now (it takes a few seconds) and is awaited after the deploy.
+PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-1}" \
+  start_service worker - \
+  "$PY" -m prefect worker start --pool "$WORK_POOL" --work-queue "$WORK_QUEUE" \
+  --name "$WORKER_NAME" --type process
+
+# `prefect deploy` records the project root of this checkout in every deployment's pull step
+# (see prefect.yaml), so deploy from the root.
+if ! prefect_cli deploy --all >"$LOGS/deploy.log" 2>&1; then
+  tail -n 40 "$LOGS/deploy.log" >&2
+  echo "error: prefect deploy --all failed (full log: $LOGS/deploy.log)" >&2
+  exit 1
+fi
+say "deployments applied (prefect deploy --all): $(grep -cE "Deployment '.*' successfully (created|updated)" "$LOGS/deploy.log" || true) from prefect.yaml"
+
+# ---- worker -------------------------------------------------------------------------------------
+stack wait-worker "$PREFECT_API" "$WORK_POOL" "$WORKER_NAME" "$TIMEOUT" "$PIDS/worker.pid" "$LOGS/worker.log"
+say "worker $WORKER_NAME online, polling $WORK_POOL/$WORK_QUEUE"
+
+# ---- the user's side: a Prefect profile and an env file -------------------------------------------
+cat >"$STACK_DIR/env" <<EOF
+# source this file to talk to the stack from a shell
+export PREFECT_API_URL=$PREFECT_API
+export MLFLOW_TRACKING_URI=$MLFLOW_URI
+EOF
+profile_note=""
+if [ -n "$PROFILE" ]; then
+  (
+    unset PREFECT_HOME PREFECT_PROFILES_PATH PREFECT_API_URL
+    [ -n "$USER_PREFECT_HOME" ] && export PREFECT_HOME="$USER_PREFECT_HOME"
+    [ -n "$USER_PREFECT_PROFILES_PATH" ] && export PREFECT_PROFILES_PATH="$USER_PREFECT_PROFILES_PATH"
+    stack profile-activate "$PROFILE" "$PREFECT_API" "$STACK_DIR/profile.json" >/dev/null
+  )
+  profile_note="Prefect profile '$PROFILE' is active (PREFECT_API_URL=$PREFECT_API); down.sh restores the previous one."
+fi
+if [ -n "$USER_PREFECT_API_URL$USER_PREFECT_PROFILE" ] && [ "$USER_PREFECT_API_URL" != "$PREFECT_API" ]; then
+  profile_note="${profile_note:+$profile_note
+  }NOTE: this shell sets PREFECT_API_URL/PREFECT_PROFILE, which win over the profile: export the line below."
+fi
+
+rss_mb=$(ps -eo pgid=,rss= | awk -v ids=" $(cat "$PIDS"/*.pid | cut -d' ' -f1 | xargs) " \
+  'index(ids, " " $1 " ") { s += $2 } END { printf "%d", s / 1024 }')
+cat <<EOF
+
+mlops stack is up ($((SECONDS - started_at)) s, ~${rss_mb} MB resident) — state in $STACK_DIR
+  Prefect UI    $PREFECT_UI          database: $(redact "$PREFECT_DB")
+  Prefect API   $PREFECT_API
+  MLflow        $MLFLOW_URI          database: $(redact "$MLFLOW_DB")
+  work pool     $WORK_POOL / queue $WORK_QUEUE, worker $WORKER_NAME
+  logs          $LOGS
+${profile_note:+  $profile_note
+}
+Run a deployment from any shell:
+  prefect deployment run 'train-model/default' --param data=/abs/path/to.csv --param target=y --param model_name=my-model --watch
+If your shell sets PREFECT_API_URL or PREFECT_PROFILE, or to skip the profile (MLOPS_PREFECT_PROFILE=''):
+  export PREFECT_API_URL=$PREFECT_API   # or: source $STACK_DIR/env
+Stop: make down  (bash deployments/down.sh)
+EOF

@@ -1,0 +1,126 @@
+"""End to end on the real stack (tests/e2e/conftest.py): deployments applied by `make up` from
+prefect.yaml, run with `prefect deployment run` as a user would, executed by the process worker,
+models and aliases checked in the MLflow server."""
+from __future__ import annotations
+
+import subprocess
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+from tests.e2e.conftest import ROOT, Stack, _script
+
+pytestmark = pytest.mark.e2e
+
+DEPLOYMENTS = {
+    "train-model/default", "register-model/default", "promote-model/default",
+    "rollback-model/default", "list-versions/default", "compare-versions/default",
+    "mlops-lifecycle/default",
+}
+BUDGET_S = 4  # training time budget per run: the flow's own overhead dominates anyway
+
+
+def api(stack: Stack, path: str, body: dict | None = None):
+    response = httpx.post(f"{stack.prefect_api}{path}", json=body or {}, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def aliases(stack: Stack, model_name: str) -> dict[str, int]:
+    client = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
+    return {alias: int(v) for alias, v in client.get_registered_model(model_name).aliases.items()}
+
+
+def assert_completed(stack: Stack, proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0 and "finished successfully in 'Completed'" in proc.stdout, (
+        stack.explain(proc))
+
+
+def test_up_applies_prefect_yaml_and_is_idempotent(stack):
+    deployments = api(stack, "/deployments/filter")
+    by_name = {}
+    flows = {f["id"]: f["name"] for f in api(stack, "/flows/filter")}
+    for d in deployments:
+        by_name[f"{flows[d['flow_id']]}/{d['name']}"] = d
+    assert DEPLOYMENTS <= set(by_name), sorted(by_name)
+    for name in DEPLOYMENTS:
+        d = by_name[name]
+        assert (d["work_pool_name"], d["work_queue_name"]) == ("mlops", "ml-retraining-queue"), name
+        # prefect deploy recorded this checkout's path (prefect.yaml's build step), wherever it is
+        assert d["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}], name
+        assert d["enforce_parameter_schema"], name
+    train_schema = by_name["train-model/default"]["parameter_openapi_schema"]
+    assert set(train_schema["required"]) == {"data", "target", "model_name"}
+    assert train_schema["properties"]["time_budget_s"]["type"] == "number"
+
+    workers = api(stack, "/work_pools/mlops/workers/filter")
+    assert [w["status"] for w in workers if w["name"] == "mlops-worker"] == ["ONLINE"]
+
+    # Again, on the running stack: keeps the services, re-applies the configuration.
+    again = _script("up.sh", stack.env, 300)
+    assert again.returncode == 0, f"{again.stdout}\n{again.stderr}"
+    for service in ("prefect-server", "mlflow-server", "worker"):
+        assert f"{service} already running" in again.stdout, again.stdout
+    assert len(api(stack, "/deployments/filter")) == len(deployments)
+
+
+def test_bad_parameter_is_rejected_before_a_run_exists(stack, churn_csv):
+    before = api(stack, "/flow_runs/count")
+    proc = stack.prefect("deployment", "run", "train-model/default",
+                         "--param", f"data={churn_csv}", "--param", "target=churn",
+                         "--param", "model_name=e2e_rejected", "--param", "time_budget_s=abc")
+    out = " ".join((proc.stdout + proc.stderr).split())  # rich wraps long lines
+    assert proc.returncode != 0, out
+    assert "Validation failed for field 'time_budget_s'" in out, out
+    assert "'abc' is not of type 'number'" in out, out
+    assert api(stack, "/flow_runs/count") == before
+
+
+def test_train_promote_rollback_through_deployments(stack, churn_csv):
+    model = "e2e_churn"
+    train = {"data": str(churn_csv), "target": "churn", "model_name": model,
+             "time_budget_s": BUDGET_S}
+
+    assert_completed(stack, stack.run_deployment("train-model/default", train))
+    assert aliases(stack, model) == {"champion": 1}
+    # The MLflow server stores the artifacts under the stack folder (proxied, mlflow-artifacts:/).
+    assert any((stack.stack_dir / "mlflow" / "artifacts").rglob("*")), "no artifacts stored"
+
+    # promote=auto: a second version becomes challenger, the champion stays.
+    assert_completed(stack, stack.run_deployment("train-model/default", train))
+    assert aliases(stack, model) == {"champion": 1, "challenger": 2}
+
+    proc = stack.run_deployment("promote-model/default",
+                                {"model_name": model, "version": 2, "reason": "e2e: better"})
+    assert_completed(stack, proc)
+    assert aliases(stack, model)["champion"] == 2
+
+    proc = stack.run_deployment("rollback-model/default",
+                                {"model_name": model, "reason": "e2e: regression"})
+    assert_completed(stack, proc)
+    assert aliases(stack, model)["champion"] == 1
+
+
+@pytest.mark.postgres
+def test_train_on_the_postgresql_stack(pg_stack, churn_csv):
+    model = "e2e_churn_pg"
+    proc = pg_stack.run_deployment("train-model/default", {
+        "data": str(churn_csv), "target": "churn", "model_name": model, "time_budget_s": BUDGET_S})
+    assert_completed(pg_stack, proc)
+    assert aliases(pg_stack, model) == {"champion": 1}
+
+    # Both servers really keep their state in PostgreSQL.
+    import psycopg2
+
+    settings = pg_stack.env
+    for url, query in ((settings["MLFLOW_BACKEND_STORE_URI"],
+                        "SELECT count(*) FROM model_versions WHERE name = %s"),
+                       (settings["PREFECT_DATABASE_URL"],
+                        "SELECT count(*) FROM flow_run WHERE parameters->>'model_name' = %s")):
+        dbname = url.rsplit("/", 1)[1]
+        with psycopg2.connect(dbname=dbname, user="postgres", host="127.0.0.1", port=5432) as conn:
+            with conn.cursor() as cur:
+                cur.execute(query, (model,))
+                assert cur.fetchone()[0] == 1, (dbname, query)
