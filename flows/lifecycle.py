@@ -79,10 +79,11 @@ def lifecycle(model_name: str = MODEL_NAME, time_budget_s: float = 20) -> list[s
     story = Story(model_name=model_name, budget_s=time_budget_s)
     for step in STEPS:
         step(story)
-    config = resolve_mlflow_config()
-    story.say(f"look      MLflow: {config.tracking_uri} "
-              f"(UI: mlflow ui --backend-store-uri {config.tracking_uri}); "
-              "Prefect: flow runs in the Prefect UI (`prefect server start`, or `make up`)")
+    uri = resolve_mlflow_config().tracking_uri
+    mlflow_ui = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
+    story.say(f"look      MLflow UI: {mlflow_ui}")
+    story.say("          Prefect UI: flow runs, the train-/registry-/compare- artifacts "
+              "(`make up` serves it on http://127.0.0.1:4200)")
     return story.lines
 
 

@@ -1,12 +1,13 @@
 """Registry flows: register, promote, roll back, list and compare versions (DESIGN.md §5)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.comparison import Comparison, compare_recorded, score_version, scores_table
+from tasks.data import DataRef
 from tasks.events import emit_model_event
 from tasks.registry import (VersionInfo, check_model_source, find_previous_champion, find_version,
                             model_slug, promote_alias, read_versions, register_version,
@@ -58,7 +59,7 @@ def list_versions(model_name: str) -> list[VersionInfo]:
 
 @flow(name="compare-versions")
 def compare_versions(model_name: str, version_a: int | str, version_b: int | str,
-                     data: Any = None) -> Comparison:
+                     data: DataRef | None = None) -> Comparison:
     """Recorded metric and parameter differences (b − a); with `data` (labelled rows), both
     versions scored on the same rows against the target they were trained on."""
     comparison = compare_recorded(model_name, version_a, version_b)

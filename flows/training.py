@@ -3,12 +3,13 @@ set aliases. The seed's `orchestrator.fit(X, y, register_best_model=True, model_
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from tasks.data import DataRef
 from tasks.errors import ConfigurationError, DataError
 from tasks.registry import (alias_map, mlflow_client, model_slug, promote_alias, register_version,
                             validate_model_name)
@@ -31,7 +32,7 @@ def initial_alias(promote: str, has_champion: bool) -> str | None:
 @flow(name="train-model", task_runner=ThreadPoolTaskRunner(max_workers=cpu_workers()),
       log_prints=True)
 def train_model(
-    data: Any,
+    data: DataRef,
     target: str,
     model_name: str,
     task: Literal["auto", "binary", "multiclass", "regression"] = "auto",

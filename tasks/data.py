@@ -14,10 +14,14 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic.json_schema import SkipJsonSchema
 
 from tasks.errors import DataError
 
 Task = Literal["binary", "multiclass", "regression"]
+# A flow parameter naming a dataset: the Prefect UI and `--param` see a string (path or URI);
+# Python callers may also pass a DataFrame.
+DataRef = str | SkipJsonSchema[pd.DataFrame]
 READABLE = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 # Below this many rows per fold (or per class and fold) cross-validation is meaningless.
 MIN_ROWS_PER_FOLD = 5
