@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+
 from mlflow.tracking import MlflowClient
 
 from blocks.mlflow_config import DEFAULT_DOCUMENT, MLflowConfig
@@ -29,10 +29,8 @@ from flows.registry import compare_versions, list_versions, promote_model, rollb
 from flows.training import train_model
 from tasks.demo_data import churn_frame
 
-try:  # tests/ is a rootdir-relative folder unless someone adds tests/__init__.py
-    from conftest import free_port, require_postgres
-except ImportError:  # pragma: no cover - with tests/__init__.py
-    from tests.conftest import free_port, require_postgres
+from tests.conftest import free_port, require_postgres
+from tests.servers import log_tail, stop_process_group
 
 FAST = dict(time_budget_s=8, candidates=["linear", "random_forest"])
 SERVER_START_TIMEOUT_S = 180  # cold start is ~15 s idle here, much more on a loaded 2-CPU box
@@ -48,33 +46,12 @@ class MlflowServer:
     process: subprocess.Popen
 
 
-def _log_tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
 def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server's own process group (it forks a uvicorn worker), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 def start_mlflow_server(backend_uri: str, backend: str, workdir: Path) -> MlflowServer:
@@ -101,7 +78,7 @@ def start_mlflow_server(backend_uri: str, backend: str, workdir: Path) -> Mlflow
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"mlflow server ({backend}) exited with {process.returncode}:\n"
-                                   f"{_log_tail(log_path)}")
+                                   f"{log_tail(log_path)}")
             try:
                 # /health is exempt from the Host check; the API is not, so ask it too
                 if (_get(f"{url}/health")[0] == 200 and
@@ -111,10 +88,10 @@ def start_mlflow_server(backend_uri: str, backend: str, workdir: Path) -> Mlflow
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow server ({backend}) did not answer within "
-                                   f"{SERVER_START_TIMEOUT_S}s:\n{_log_tail(log_path)}")
+                                   f"{SERVER_START_TIMEOUT_S}s:\n{log_tail(log_path)}")
             time.sleep(0.25)
     except BaseException:
-        _stop(process)
+        stop_process_group(process)
         raise
     return MlflowServer(url=url, backend=backend, artifacts_dir=artifacts, log_path=log_path,
                         process=process)
@@ -125,7 +102,7 @@ def mlflow_server_sqlite(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mlflow-sqlite")
     server = start_mlflow_server(f"sqlite:///{workdir / 'mlflow.db'}", "sqlite", workdir)
     yield server
-    _stop(server.process)
+    stop_process_group(server.process)
 
 
 @pytest.fixture(scope="session")
@@ -150,7 +127,7 @@ def mlflow_server_postgres(tmp_path_factory):
             yield server
         finally:
             if server is not None:
-                _stop(server.process)
+                stop_process_group(server.process)
             with admin.cursor() as cur:
                 cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
                             .format(sql.Identifier(db_name)))

@@ -7,8 +7,6 @@ the embedded default (a fresh state folder per test).
 from __future__ import annotations
 
 import io
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 import boto3
 import pandas as pd
 import pytest
+
 from prefect_aws import AwsClientParameters, MinIOCredentials
 from prefect_aws.s3 import S3Bucket
 
@@ -29,11 +28,8 @@ from tasks.data import frame_sha256, load_table
 from tasks.demo_data import churn_frame
 from tasks.errors import DataError
 from tasks.registry import mlflow_client
-
-try:  # tests/ is a rootdir-relative folder unless someone adds tests/__init__.py
-    from conftest import free_port
-except ImportError:  # pragma: no cover - with tests/__init__.py
-    from tests.conftest import free_port
+from tests.conftest import free_port
+from tests.servers import log_tail, stop_process_group
 
 FAST = dict(time_budget_s=8, candidates=["linear", "random_forest"])
 SERVER_START_TIMEOUT_S = 60
@@ -47,26 +43,6 @@ class S3Server:
     endpoint_url: str
     bucket: str
     frame: pd.DataFrame  # what churn.csv and churn.parquet hold
-
-
-def _log_tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +61,7 @@ def s3_server(tmp_path_factory):
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"moto_server exited with {process.returncode}:\n"
-                                   f"{_log_tail(log_path)}")
+                                   f"{log_tail(log_path)}")
             try:
                 with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2) as r:
                     if r.status == 200:
@@ -94,7 +70,7 @@ def s3_server(tmp_path_factory):
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"moto_server did not answer within {SERVER_START_TIMEOUT_S}s:"
-                                   f"\n{_log_tail(log_path)}")
+                                   f"\n{log_tail(log_path)}")
             time.sleep(0.2)
 
         bucket = f"mlops-data-{uuid.uuid4().hex[:8]}"
@@ -108,7 +84,7 @@ def s3_server(tmp_path_factory):
         s3.put_object(Bucket=bucket, Key="tables/churn.parquet", Body=buffer.getvalue())
         yield S3Server(endpoint_url=endpoint, bucket=bucket, frame=frame)
     finally:
-        _stop(process)
+        stop_process_group(process)
 
 
 @pytest.fixture
