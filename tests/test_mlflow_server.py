@@ -201,7 +201,9 @@ def test_training_registers_a_champion_with_its_artifacts_on_the_server(
     stored = list(mlflow_server.artifacts_dir.rglob("holdout.parquet"))
     assert any(result.run_id in str(p) for p in stored), "holdout not in the server's store"
     # nothing went to the embedded store
-    assert not (state_dir / "mlflow.db").exists()
+    embedded = MlflowClient(tracking_uri=f"sqlite:///{state_dir / 'mlflow.db'}")
+    assert embedded.search_registered_models() == []
+    assert not (state_dir / "mlartifacts").exists()
 
 
 def test_promote_rollback_and_compare_on_the_server(mlflow_server, churn_files):

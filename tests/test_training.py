@@ -119,6 +119,8 @@ def test_multiclass_with_a_categorical_column_and_missing_values(state_dir):
 def test_time_budget_bounds_search_and_refit(state_dir, churn):
     big = pd.concat([churn] * 4, ignore_index=True)
     result = train_model(big, "churn", "customer_churn", time_budget_s=6)
-    # the budget holds up to one fold of the slowest candidate plus logging
-    assert result.duration_s < 6 + 15
+    # the deadline cut the search short (unbounded, it runs every candidate for 3 + 5 folds) ...
     assert any(row["folds"] < 5 for row in result.leaderboard) or len(result.leaderboard) < 6
+    # ... and the budget holds up to one fold of the slowest candidate plus the refit and logging
+    # (loose: the shared 2-core machine is often busy; an ignored budget takes minutes here)
+    assert result.duration_s < 6 + 40
