@@ -1,0 +1,174 @@
+"""Drift detection and production monitoring (DESIGN.md §5): check_drift, evaluate_production,
+profile_model. The seed's `get_drift_score` / `get_performance_metrics` and its alerts.
+
+check_drift reads only the version's stored profile (never the training data): load the policy →
+read the reference → load the batch → compare → record in MLflow (+ plot) → publish to the UI →
+event when drifted → alert above the alert threshold. Bad input raises before anything is recorded.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import flow, get_run_logger
+
+from blocks.monitoring import MonitoringPolicy, resolve_monitoring_policy
+from tasks.alerts import dispatch, drift_alert, performance_alert
+from tasks.drift import (DriftReport, FeatureDrift, PerformanceReport, ProfileInfo,
+                         ProfileNotFoundError, compare_batch, elapsed, evaluate_batch,
+                         load_batch, load_reference, publish_drift, publish_evaluation,
+                         record_drift_check, record_evaluation, store_profile)
+from tasks.events import emit_model_event
+from tasks.registry import validate_model_name
+
+__all__ = ["check_drift", "evaluate_production", "profile_model", "DriftReport", "FeatureDrift",
+           "PerformanceReport", "ProfileInfo", "ProfileNotFoundError", "lifecycle_step",
+           "drifted_batch"]
+
+DRIFT_EVENT = "mlops.model.drift-detected"
+DEGRADED_EVENT = "mlops.model.performance-degraded"
+
+
+def _frames_stay_local(flow_object):
+    """Record a DataFrame parameter in the Prefect API as a one-line description, not its rows.
+
+    Prefect stores flow-run parameters through `jsonable_encoder`, which turns a DataFrame into
+    every value it holds: the server refuses anything above 512 KiB ("Flow run parameters must be
+    less than 524,288 bytes", about 20k rows here) and smaller batches would be copied into the
+    Prefect database. The flow itself still receives the DataFrame.
+    """
+    serialize = flow_object.serialize_parameters
+
+    def serialize_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+        return serialize({k: (f"<DataFrame {v.shape[0]} rows x {v.shape[1]} columns>"
+                              if isinstance(v, pd.DataFrame) else v)
+                          for k, v in parameters.items()})
+
+    flow_object.serialize_parameters = serialize_parameters
+    return flow_object
+
+
+def _policy(policy: str | None) -> MonitoringPolicy:
+    resolved = resolve_monitoring_policy(policy)
+    resolved.check_channels()
+    return resolved
+
+
+@_frames_stay_local
+@flow(name="check-drift", log_prints=True)
+def check_drift(model_name: str, data: Any, version: int | str = "champion",
+                policy: str | None = None) -> DriftReport:
+    """Compare a batch of recent inputs with the stored training profile of a model version.
+
+    data: a csv/parquet path, a folder (its newest file), an s3://bucket/key URI, an
+    s3://bucket/prefix/ (its newest object) or a DataFrame. version: a number or an alias
+    (champion, challenger, Production, Staging). policy: name of a saved MonitoringPolicy block
+    document; empty: the one named "default", else the built-in defaults.
+    """
+    started = time.monotonic()
+    validate_model_name(model_name)
+    settings = _policy(policy)
+    reference = load_reference(model_name, version)
+    batch = load_batch(data)
+    report = compare_batch(reference, batch, settings)
+
+    recorded = record_drift_check(report, reference, batch.frame)
+    report.run_id, report.plot_uri = recorded.run_id, recorded.plot_uri
+    if report.drifted:
+        emit_model_event(model_name, DRIFT_EVENT, {
+            "version": report.version, "score": report.score, "threshold": report.threshold,
+            "drifted_features": report.drifted_features, "data_ref": report.data_ref,
+            "run_id": report.run_id})
+    alert = drift_alert(model_name, report.version, report.score, report.drifted_features,
+                        settings, report.data_ref, recorded.run_url or recorded.plot_uri)
+    report.alerted = alert is not None
+    report.alerts_sent, report.alert_errors = dispatch(alert, settings)
+    report.duration_s = elapsed(started)
+    publish_drift(report, recorded)
+    get_run_logger().info("%s v%s: drift score %.3f (threshold %.2f) -> %s; drifted: %s",
+                          model_name, report.version, report.score, report.threshold,
+                          "DRIFTED" if report.drifted else "not drifted",
+                          ", ".join(report.drifted_features) or "none")
+    return report
+
+
+@_frames_stay_local
+@flow(name="evaluate-production", log_prints=True)
+def evaluate_production(model_name: str, data: Any, target: str, version: int | str = "champion",
+                        policy: str | None = None) -> PerformanceReport:
+    """Score labelled production data with a version and compare with its holdout metrics.
+
+    degraded: accuracy below accuracy_alert_threshold (classification) or R² below
+    r2_alert_threshold (regression), or the primary metric worse than the holdout by more than
+    max_relative_degradation. Alerts go to the policy's channels when degraded.
+    """
+    started = time.monotonic()
+    validate_model_name(model_name)
+    settings = _policy(policy)
+    reference = load_reference(model_name, version, need_profile=False, read_profile=False)
+    batch = load_batch(data)
+    report = evaluate_batch(reference, batch, target, settings)
+
+    recorded = record_evaluation(report, reference)
+    report.run_id = recorded.run_id
+    if report.degraded:
+        emit_model_event(model_name, DEGRADED_EVENT, {
+            "version": report.version, "metrics": report.metrics, "reasons": report.reasons,
+            "data_ref": report.data_ref, "run_id": report.run_id})
+    alert = performance_alert(model_name, report.version, report.reasons, settings,
+                              report.data_ref, report.n_rows, recorded.run_url)
+    report.alerted = alert is not None
+    report.alerts_sent, report.alert_errors = dispatch(alert, settings)
+    report.duration_s = elapsed(started)
+    publish_evaluation(report)
+    return report
+
+
+@_frames_stay_local
+@flow(name="profile-model", log_prints=True)
+def profile_model(model_name: str, version: int | str, data: Any,
+                  overwrite: bool = False) -> ProfileInfo:
+    """Store the drift profile of a version registered before profiles existed (or outside
+    train_model), from the data it was trained on. With the target column in the data and no
+    stored importances, permutation importances are computed too (else the drift score weighs
+    every feature the same). overwrite: replace an existing profile."""
+    validate_model_name(model_name)
+    reference = load_reference(model_name, version, need_profile=False)
+    batch = load_batch(data)
+    info = store_profile(reference, batch, overwrite)
+    get_run_logger().info("profiled %s v%s: %d rows, %d features (run %s)", model_name,
+                          info.version, info.n_rows, len(info.features), info.run_id)
+    return info
+
+
+# --------------------------------------------------------------------------- lifecycle step
+def drifted_batch(frame: pd.DataFrame, seed: int = 11) -> pd.DataFrame:
+    """A later batch of customers after a month-to-month promotion: resampled so that new,
+    short-tenure, month-to-month customers dominate (real rows, so every column stays coherent)."""
+    rng = np.random.default_rng(seed)
+    weight = np.where(frame["contract"] == "Month-to-month", 6.0, 1.0)
+    weight = weight * np.where(frame["tenure"] <= 12, 4.0, 1.0)
+    index = rng.choice(len(frame), size=len(frame), replace=True, p=weight / weight.sum())
+    return frame.iloc[index].reset_index(drop=True)
+
+
+def lifecycle_step(story) -> None:
+    """The main job's drift step: a drifted later batch is flagged with its top features; the
+    undrifted evaluation batch is not. The champion (v1 at this point) is checked."""
+    evaluation = Path(story.data["evaluation"])
+    drifted_path = evaluation.with_name("churn_drifted.csv")
+    drifted_batch(pd.read_csv(evaluation)).to_csv(drifted_path, index=False)
+    story.data["drifted"] = drifted_path
+
+    report = check_drift(story.model_name, str(drifted_path))
+    top = ", ".join([f"{f.name} (PSI {f.psi:.2f})" for f in report.features if f.drifted][:4])
+    story.say(f"drift     later batch ({report.n_current} customers, month-to-month promo) vs "
+              f"v{report.version}'s profile: score {report.score:.2f} > {report.threshold:.2f} "
+              f"-> {'DRIFTED' if report.drifted else 'not drifted'}; top: {top or 'none'}")
+    calm = check_drift(story.model_name, str(evaluation))
+    story.say(f"drift     evaluation batch ({calm.n_current} customers): score {calm.score:.2f} "
+              f"-> {'DRIFTED' if calm.drifted else 'not drifted'}"
+              + (f" ({', '.join(calm.drifted_features)})" if calm.drifted_features else ""))

@@ -1,0 +1,902 @@
+"""Drift and production-monitoring tasks: read a version's stored reference, compare a batch with
+it, record the check in MLflow, draw the most drifted features, publish to the Prefect UI.
+
+The statistics are in :mod:`tasks.drift_metrics` (pure); this module does the I/O around them.
+
+Where a version's reference lives
+---------------------------------
+``train_model`` stores, in the version's run under ``mlops/``: ``profile.json`` (the drift
+profile of the training rows), ``feature_importances.json``, ``schema.json`` and
+``holdout.parquet``. ``profile_model`` creates a profile for an older version in a run of its own
+and points the version's tag ``mlops.profile_run_id`` at it; that tag wins over the training run.
+A drift check reads only these -- never the training data.
+
+The model drift score
+---------------------
+``score = sum_i w_i [feature i drifted] / sum_i w_i`` with ``w_i`` the permutation importance of
+feature ``i`` stored with the version (features the model ignores weigh 0), or equal weights when
+the version has no importances (``weighting="equal"``). A feature drifts when its test rejects
+"same distribution" at ``feature_alpha`` (KS for numeric features, chi-squared for categorical
+ones; both account for the two sample sizes) *and* its effect reaches the policy's minimum
+(``min_effect_numeric`` reference standard deviations of Wasserstein distance,
+``min_effect_categorical`` of Jensen-Shannon distance), so that a tiny but significant shift of a
+huge batch does not count. ``drifted = score > drift_threshold`` (0.3 by default).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from blocks.mlflow_config import resolve_mlflow_config
+from blocks.monitoring import MonitoringPolicy
+from tasks.data import READABLE, LoadedData, load_table
+from tasks.drift_metrics import (DriftInputError, FeatureStats, build_profile, compare_to_profile,
+                                 model_drift_score)
+from tasks.errors import DataError, MlopsError
+from tasks.registry import mlflow_client, model_slug, resolve_version
+
+PROFILE_NAME = "profile.json"
+IMPORTANCES_NAME = "feature_importances.json"
+SCHEMA_NAME = "schema.json"
+PROFILE_RUN_TAG = "mlops.profile_run_id"  # set on a model version by profile_model
+MAX_PLOTTED_FEATURES = 4
+IMPORTANCE_ROWS = 600  # labelled rows profile_model uses for permutation importances
+
+
+class ProfileNotFoundError(MlopsError, LookupError):
+    """A model version has no stored drift profile."""
+
+
+# --------------------------------------------------------------------------- results
+class FeatureDrift(BaseModel):
+    """One feature of a drift check (DESIGN.md section 5; extra fields after ``drifted``)."""
+
+    name: str
+    kind: Literal["numeric", "categorical"]
+    method: str = Field(description="the test behind statistic/p_value: ks, psi or chi2")
+    statistic: float
+    p_value: float
+    psi: float = Field(description="PSI over the reference quantile bins (categories), eps 1e-4")
+    effect: float = Field(description="numeric: Wasserstein distance in reference sds; "
+                                      "categorical: Jensen-Shannon distance (base 2)")
+    importance: float = Field(description="weight of this feature in the model drift score")
+    drifted: bool
+    wasserstein: float | None = None
+    js: float | None = None
+    unseen_share: float | None = None
+    unseen_categories: list[str] = Field(default_factory=list)
+    missing_delta: float = 0.0
+    missing_rate_reference: float = 0.0
+    missing_rate_current: float = 0.0
+    mean_reference: float | None = None
+    mean_current: float | None = None
+    psi_threshold: float = Field(0.0, description="PSI that noise alone exceeds with prob. alpha")
+    psi_exceeds_noise: bool = False
+    ks_error_bound: float | None = Field(None, description="|statistic - exact KS| <= this")
+    n_reference: int = 0
+    n_current: int = 0
+
+
+class DriftReport(BaseModel):
+    """The result of ``check_drift`` (DESIGN.md section 5; extra fields after ``n_current``)."""
+
+    model_name: str
+    version: int
+    score: float = Field(description="model drift score in [0, 1]: importance-weighted share "
+                                     "of drifted features")
+    threshold: float = Field(description="drift_threshold of the monitoring policy")
+    drifted: bool = Field(description="score > threshold")
+    features: list[FeatureDrift] = Field(description="drifted first, then by PSI")
+    n_reference: int = Field(description="rows of the reference (training) data profiled")
+    n_current: int = Field(description="rows of the batch checked")
+    drifted_features: list[str] = Field(default_factory=list)
+    weighting: Literal["importance", "equal"] = "importance"
+    alpha: float = 0.05
+    min_effect: dict[str, float] = Field(default_factory=dict)
+    alert_threshold: float = 0.5
+    alerted: bool = False
+    alerts_sent: list[str] = Field(default_factory=list)
+    alert_errors: list[str] = Field(default_factory=list)
+    data_ref: str | None = None
+    data_sha256: str | None = None
+    run_id: str | None = Field(None, description="MLflow run that recorded the check")
+    plot_uri: str | None = None
+    checked_at: datetime | None = None
+    duration_s: float | None = None
+
+
+class ProfileInfo(BaseModel):
+    """The result of ``profile_model``."""
+
+    model_name: str
+    version: int
+    run_id: str = Field(description="MLflow run holding mlops/profile.json")
+    n_rows: int
+    features: dict[str, str] = Field(description="feature -> numeric | categorical")
+    importances: bool = Field(description="feature importances available for the drift score")
+    data_ref: str | None = None
+    data_sha256: str | None = None
+    replaced: bool = False
+
+
+# --------------------------------------------------------------------------- the reference
+class Reference:
+    """What a drift check or an evaluation needs of a version -- never the training data.
+
+    Deliberately not a dataclass: Prefect walks dataclass, dict and list task arguments element by
+    element (``visit_collection``), which took seconds per task on a profile's ~60k numbers.
+    """
+
+    def __init__(self, model_name: str, version: int, run_id: str | None,
+                 experiment_id: str | None, profile: dict | None,
+                 importances: dict[str, float] | None, schema: dict | None,
+                 tags: dict[str, str], profile_run_id: str | None = None,
+                 run_metrics: dict[str, float] | None = None) -> None:
+        self.model_name = model_name
+        self.version = version
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.profile = profile
+        self.importances = importances
+        self.schema = schema
+        self.tags = tags
+        self.profile_run_id = profile_run_id
+        self.run_metrics = run_metrics
+
+    def __repr__(self) -> str:
+        return (f"Reference({self.model_name!r}, v{self.version}, run {self.run_id}, "
+                f"profile {'yes' if self.profile else 'no'})")
+
+
+def _listed(client, run_id: str | None) -> set[str]:
+    """Names of the files under a run's ``mlops/`` folder (empty when the run is gone)."""
+    if not run_id:
+        return set()
+    try:
+        return {Path(f.path).name for f in client.list_artifacts(run_id, "mlops")}
+    except Exception:  # deleted run, unreachable artifact store: as if nothing were stored
+        return set()
+
+
+def _download_json(run_id: str, name: str):
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"mlops/{name}",
+                                                   dst_path=tmp)
+        return json.loads(Path(path).read_text())
+
+
+def read_reference(model_name: str, version: int | str, need_profile: bool = True,
+                   read_profile: bool = True) -> Reference:
+    """Resolve ``version`` (number or alias) and read its stored profile, importances, schema.
+
+    Raises ModelNotFoundError / VersionNotFoundError (unknown model or alias) and, with
+    ``need_profile``, ProfileNotFoundError saying how to create the profile. ``read_profile=False``
+    skips downloading the profile (``profile`` is then None).
+    """
+    client = mlflow_client()
+    mv = resolve_version(client, model_name, version)
+    number = int(mv.version)
+    tags = dict(mv.tags or {})
+    run_files = _listed(client, mv.run_id)
+    profile_run = tags.get(PROFILE_RUN_TAG)
+    profile_files = _listed(client, profile_run) if profile_run else set()
+    if PROFILE_NAME not in profile_files:
+        profile_run = mv.run_id if PROFILE_NAME in run_files else None
+        profile_files = run_files
+    if profile_run is None and need_profile:
+        raise ProfileNotFoundError(
+            f"model {model_name!r} version {number} has no drift profile (it was registered "
+            "before profiles were stored, or outside train_model); create one from the data it "
+            f"was trained on: profile_model({model_name!r}, {number}, data=<training data path, "
+            "URI or DataFrame>)")
+    profile = _download_json(profile_run, PROFILE_NAME) if profile_run and read_profile else None
+    importances = None
+    for run, files in ((profile_run, profile_files), (mv.run_id, run_files)):
+        if run and IMPORTANCES_NAME in files:
+            importances = {str(k): float(v) for k, v in _download_json(run, IMPORTANCES_NAME).items()}
+            break
+    schema = _download_json(mv.run_id, SCHEMA_NAME) if SCHEMA_NAME in run_files else None
+    experiment_id, run_metrics = None, None
+    for run in (mv.run_id, profile_run):
+        if run:
+            try:
+                found = client.get_run(run)
+            except Exception:  # deleted run
+                continue
+            experiment_id = found.info.experiment_id
+            if run == mv.run_id:
+                run_metrics = dict(found.data.metrics)
+            break
+    return Reference(model_name=model_name, version=number, run_id=mv.run_id or None,
+                     experiment_id=experiment_id, profile=profile, importances=importances,
+                     schema=schema, tags=tags, profile_run_id=profile_run, run_metrics=run_metrics)
+
+
+@task(name="read-reference", cache_policy=NO_CACHE)
+def load_reference(model_name: str, version: int | str, need_profile: bool = True,
+                   read_profile: bool = True) -> Reference:
+    return read_reference(model_name, version, need_profile, read_profile)
+
+
+# --------------------------------------------------------------------------- the batch
+def _s3_bucket_block(bucket: str, uri: str):
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect_aws.s3 import S3Bucket
+
+    try:
+        with get_client(sync_client=True) as client:
+            documents = client.read_block_documents_by_type("s3-bucket")
+    except ObjectNotFound:
+        documents = []
+    names = sorted(d.name for d in documents if (d.data or {}).get("bucket_name") == bucket)
+    if not names:
+        raise DataError(f"no saved S3Bucket block for bucket {bucket!r} (needed to list {uri!r}); "
+                        "save one, e.g. S3Bucket(bucket_name=..., credentials=...).save('name')")
+    return S3Bucket.load(names[0]).model_copy(update={"bucket_folder": ""})
+
+
+def latest_in_prefix(uri: str) -> str:
+    """``s3://bucket/prefix/`` -> the URI of the newest csv/parquet object under the prefix."""
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    block = _s3_bucket_block(bucket, uri)
+    objects = [o for o in block.list_objects(folder=prefix)
+               if Path(o["Key"]).suffix.lower() in READABLE]
+    if not objects:
+        raise DataError(f"no csv or parquet object under {uri!r}; upload the batch there or pass "
+                        "the URI of one object")
+    newest = max(objects, key=lambda o: (o["LastModified"], o["Key"]))
+    return f"s3://{bucket}/{newest['Key']}"
+
+
+def latest_in_folder(folder: Path) -> Path:
+    """The newest csv/parquet file directly in ``folder`` (by modification time, then name)."""
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in READABLE]
+    if not files:
+        raise DataError(f"no csv or parquet file in folder {str(folder)!r}; put the batch there "
+                        "or pass the path of one file")
+    return max(files, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def resolve_batch(data: Any) -> Any:
+    """A folder or an ``s3://bucket/prefix/`` (trailing slash) means its newest batch file."""
+    if isinstance(data, str) and data.startswith("s3://") and data.endswith("/"):
+        return latest_in_prefix(data)
+    if isinstance(data, (str, Path)) and not str(data).startswith("s3://"):
+        path = Path(data).expanduser()
+        if path.is_dir():
+            return str(latest_in_folder(path))
+    return data
+
+
+@task(name="load-batch", cache_policy=NO_CACHE)
+def load_batch(data: Any) -> LoadedData:
+    """Read a batch: a csv/parquet path, a folder (its newest file), ``s3://bucket/key``,
+    ``s3://bucket/prefix/`` (its newest object) or a DataFrame."""
+    return load_table(resolve_batch(data))
+
+
+# --------------------------------------------------------------------------- the check (pure)
+def _feature_drift(fs: FeatureStats, importance: float) -> FeatureDrift:
+    d = fs.to_dict()
+    keep = set(FeatureDrift.model_fields)
+    return FeatureDrift(**{k: v for k, v in d.items() if k in keep}, importance=importance)
+
+
+def _weights(names: list[str], importances: dict[str, float] | None
+             ) -> tuple[dict[str, float], Literal["importance", "equal"]]:
+    raw = {n: float((importances or {}).get(n, 0.0) or 0.0) for n in names}
+    raw = {n: (w if math.isfinite(w) and w > 0 else 0.0) for n, w in raw.items()}
+    total = sum(raw.values())
+    if importances and total > 0:
+        return {n: w / total for n, w in raw.items()}, "importance"
+    return {n: 1.0 / len(names) for n in names}, "equal"
+
+
+def build_drift_report(reference: Reference, current: pd.DataFrame, policy: MonitoringPolicy,
+                       data_ref: str | None = None, data_sha256: str | None = None) -> DriftReport:
+    """Compare ``current`` with the version's profile; raises DriftInputError for bad data."""
+    if reference.profile is None:
+        raise ProfileNotFoundError(f"model {reference.model_name!r} version {reference.version} "
+                                   "has no drift profile; run profile_model first")
+    if not isinstance(current, pd.DataFrame):
+        raise DriftInputError(f"the batch must be a table, got {type(current).__name__}")
+    min_effect = {"numeric": policy.min_effect_numeric,
+                  "categorical": policy.min_effect_categorical}
+    stats = compare_to_profile(reference.profile, current, alpha=policy.feature_alpha,
+                               min_effect=min_effect)
+    weights, weighting = _weights([s.name for s in stats], reference.importances)
+    score = model_drift_score(stats, weights)
+    features = [_feature_drift(s, weights[s.name]) for s in stats]
+    features.sort(key=lambda f: (not f.drifted, -f.psi, f.name))
+    drifted_names = [f.name for f in features if f.drifted]
+    return DriftReport(
+        model_name=reference.model_name, version=reference.version, score=score,
+        threshold=policy.drift_threshold, drifted=bool(score > policy.drift_threshold),
+        features=features, n_reference=int(reference.profile.get("n_rows", 0)),
+        n_current=int(len(current)), drifted_features=drifted_names, weighting=weighting,
+        alpha=policy.feature_alpha, min_effect=min_effect,
+        alert_threshold=policy.drift_alert_threshold, data_ref=data_ref, data_sha256=data_sha256,
+        checked_at=datetime.now(timezone.utc))
+
+
+@task(name="compare-to-profile", cache_policy=NO_CACHE)
+def compare_batch(reference: Reference, loaded: LoadedData, policy: MonitoringPolicy) -> DriftReport:
+    return build_drift_report(reference, loaded.frame, policy, loaded.ref, loaded.sha256)
+
+
+# --------------------------------------------------------------------------- plots
+def _fmt(x: float) -> str:
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{int(x)}" if float(x).is_integer() else f"{x:.3g}"
+
+
+def _numeric_panel(ax, name: str, fp: dict, values: pd.Series, f: FeatureDrift) -> None:
+    edges = np.asarray(fp["bins"]["edges"], dtype=np.float64)
+    ref = np.asarray(fp["bins"]["counts"], dtype=np.float64)
+    x = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    x = x[~np.isnan(x)]
+    # bin i is (e[i-1], e[i]]: the number of edges strictly below v
+    cur = np.bincount(np.searchsorted(edges, x, side="left"), minlength=ref.size)[: ref.size]
+    labels = ([f"≤{_fmt(edges[0])}"] if edges.size else ["all"])
+    labels += [f"{_fmt(a)}–{_fmt(b)}" for a, b in zip(edges[:-1], edges[1:])]
+    if edges.size:
+        labels.append(f">{_fmt(edges[-1])}")
+    _bars(ax, labels, ref / max(ref.sum(), 1), cur / max(cur.sum(), 1))
+    ax.set_title(f"{name}: KS {f.statistic:.3f}, PSI {f.psi:.3f}, moved {f.effect:.2f} sd"
+                 + (" — DRIFTED" if f.drifted else ""), fontsize=9)
+    ax.set_xlabel("reference quantile bins", fontsize=8)
+
+
+def _categorical_panel(ax, name: str, fp: dict, values: pd.Series, f: FeatureDrift,
+                       top: int = 12) -> None:
+    from tasks.drift_metrics import _category_counts
+
+    counts, _ = _category_counts(values)
+    ref_counts: dict[str, int] = dict(fp["categories"])
+    keys = sorted(ref_counts, key=lambda k: -ref_counts[k])[:top]
+    ref = [ref_counts[k] for k in keys]
+    cur = [counts.get(k, 0) for k in keys]
+    rest_ref = sum(ref_counts.values()) - sum(ref) + int(fp.get("other_count", 0))
+    rest_cur = sum(c for k, c in counts.items() if k in ref_counts and k not in keys)
+    unseen = sum(c for k, c in counts.items() if k not in ref_counts)
+    if rest_ref or rest_cur:
+        keys, ref, cur = keys + ["(other)"], ref + [rest_ref], cur + [rest_cur]
+    if unseen:
+        keys, ref, cur = keys + ["(unseen)"], ref + [0], cur + [unseen]
+    ref_a, cur_a = np.asarray(ref, dtype=float), np.asarray(cur, dtype=float)
+    _bars(ax, [k[:18] for k in keys], ref_a / max(ref_a.sum(), 1), cur_a / max(cur_a.sum(), 1))
+    ax.set_title(f"{name}: chi² p={f.p_value:.2g}, JS {f.effect:.3f}, PSI {f.psi:.3f}"
+                 + (" — DRIFTED" if f.drifted else ""), fontsize=9)
+
+
+def _bars(ax, labels: list[str], ref: np.ndarray, cur: np.ndarray) -> None:
+    pos = np.arange(len(labels))
+    ax.bar(pos - 0.2, ref, width=0.4, label="reference (profile)", color="#8da0cb")
+    ax.bar(pos + 0.2, cur, width=0.4, label="current", color="#fc8d62")
+    ax.set_xticks(pos)
+    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("share of rows", fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7)
+
+
+def plot_most_drifted(report: DriftReport, profile: dict, current: pd.DataFrame,
+                      max_features: int = MAX_PLOTTED_FEATURES) -> bytes | None:
+    """PNG of reference (from the profile's bins / category counts) versus current distributions
+    for the most drifted features (``report.features`` order); None when there are none."""
+    chosen = report.features[:max_features]
+    if not chosen:
+        return None
+    from matplotlib.figure import Figure  # no pyplot: no global state, safe in worker threads
+
+    cols = 2 if len(chosen) > 1 else 1
+    rows = math.ceil(len(chosen) / cols)
+    fig = Figure(figsize=(6.4 * cols, 3.9 * rows), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    columns = {str(c): c for c in current.columns}
+    for ax, f in zip(axes, chosen):
+        fp = profile["features"][f.name]
+        values = current[columns[f.name]]
+        if f.kind == "numeric":
+            _numeric_panel(ax, f.name, fp, values, f)
+        else:
+            _categorical_panel(ax, f.name, fp, values, f)
+    for ax in axes[len(chosen):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{report.model_name} v{report.version}: drift score {report.score:.2f} "
+                 f"(threshold {report.threshold:.2f})", fontsize=11)
+    # fixed margins (inches) rather than tight_layout, which draws the figure one extra time
+    height, top, bottom, gap = fig.get_figheight(), 0.6, 1.1, 1.45
+    axes_height = (height - top - bottom - gap * (rows - 1)) / rows
+    fig.subplots_adjust(left=0.8 / fig.get_figwidth(), right=1 - 0.2 / fig.get_figwidth(),
+                        top=1 - top / height, bottom=bottom / height, hspace=gap / axes_height,
+                        wspace=0.22)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- recording
+_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /:]")
+
+
+def metric_key(prefix: str, name: str) -> str:
+    return f"{prefix}.{_METRIC_NAME.sub('_', name)}"[:250]
+
+
+def _experiment_for(reference: Reference) -> str:
+    return reference.experiment_id or resolve_mlflow_config().ensure_experiment()
+
+
+def artifact_link(run_id: str, path: str) -> str:
+    """A URL a person can open: the MLflow server's artifact endpoint when there is a server,
+    else the artifact's location (a file URI for the embedded store)."""
+    config = resolve_mlflow_config()
+    if config.tracking_uri.startswith(("http://", "https://")):
+        from urllib.parse import urlencode
+
+        return (f"{config.tracking_uri.rstrip('/')}/get-artifact?"
+                f"{urlencode({'path': path, 'run_uuid': run_id})}")
+    client = mlflow_client()
+    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+
+
+def run_link(run_id: str, experiment_id: str) -> str | None:
+    config = resolve_mlflow_config()
+    if config.tracking_uri.startswith(("http://", "https://")):
+        return f"{config.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return None
+
+
+@dataclass
+class Recorded:
+    run_id: str
+    experiment_id: str
+    plot_uri: str | None
+    run_url: str | None
+
+
+def _log_run(reference: Reference, run_name: str, tags: dict[str, str], metrics: dict[str, float],
+             documents: dict[str, Any], files: dict[str, bytes]) -> tuple[str, str]:
+    """One finished MLflow run: tags, metrics, JSON documents and files (path -> bytes)."""
+    from mlflow.entities import Metric
+
+    client = mlflow_client()
+    experiment_id = _experiment_for(reference)
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={**tags, "mlflow.note.content": tags.get("mlops.summary", "")})
+    run_id = run.info.run_id
+    try:
+        now_ms = int(time.time() * 1000)
+        items = [Metric(k, float(v), now_ms, 0) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))]
+        for i in range(0, len(items), 900):  # MLflow caps a batch at 1000 metrics
+            client.log_batch(run_id, metrics=items[i:i + 900])
+        for path, document in documents.items():
+            client.log_dict(run_id, document, path)
+        with tempfile.TemporaryDirectory() as tmp:
+            for path, content in files.items():
+                local = Path(tmp) / Path(path).name
+                local.write_bytes(content)
+                client.log_artifact(run_id, str(local), str(Path(path).parent))
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id, experiment_id
+
+
+@task(name="record-drift-check", cache_policy=NO_CACHE)
+def record_drift_check(report: DriftReport, reference: Reference, current: pd.DataFrame) -> Recorded:
+    """The check as an MLflow run in the model's experiment: tags, metrics, the report JSON and
+    the plot of the most drifted features."""
+    png = plot_most_drifted(report, reference.profile, current)
+    metrics: dict[str, float] = {
+        "drift_score": report.score, "drift_threshold": report.threshold,
+        "drifted": float(report.drifted), "n_drifted_features": len(report.drifted_features),
+        "n_features": len(report.features), "n_current": report.n_current,
+        "n_reference": report.n_reference,
+    }
+    for f in report.features:
+        metrics[metric_key("psi", f.name)] = f.psi
+        metrics[metric_key("effect", f.name)] = f.effect
+        metrics[metric_key("statistic", f.name)] = f.statistic
+        metrics[metric_key("drifted", f.name)] = float(f.drifted)
+    tags = {
+        "mlops.kind": "drift-check", "mlops.model_name": report.model_name,
+        "mlops.model_version": str(report.version), "mlops.drifted": str(report.drifted).lower(),
+        "mlops.data_ref": report.data_ref or "(DataFrame)",
+        "mlops.data_sha256": report.data_sha256 or "",
+        "mlops.drifted_features": ",".join(report.drifted_features)[:4000],
+        "mlops.summary": (f"drift score {report.score:.3f} (threshold {report.threshold}); "
+                          f"drifted: {', '.join(report.drifted_features) or 'none'}"),
+    }
+    files = {"drift/most_drifted_features.png": png} if png else {}
+    run_id, experiment_id = _log_run(
+        reference, f"drift-{report.model_name}-v{report.version}", tags, metrics,
+        {"drift/report.json": json.loads(report.model_dump_json())}, files)
+    plot_uri = artifact_link(run_id, "drift/most_drifted_features.png") if png else None
+    return Recorded(run_id=run_id, experiment_id=experiment_id, plot_uri=plot_uri,
+                    run_url=run_link(run_id, experiment_id))
+
+
+# --------------------------------------------------------------------------- Prefect UI
+def _p(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-4 else "<1e-4"
+
+
+def drift_table(report: DriftReport) -> list[dict[str, Any]]:
+    return [{"feature": f.name, "kind": f.kind, "test": f.method,
+             "statistic": round(f.statistic, 4), "p_value": float(f"{f.p_value:.3g}"),
+             "psi": round(f.psi, 4), "effect": round(f.effect, 4),
+             "importance": round(f.importance, 4), "drifted": f.drifted}
+            for f in report.features]
+
+
+def drift_markdown(report: DriftReport, recorded: Recorded | None) -> str:
+    verdict = "DRIFTED" if report.drifted else "not drifted"
+    lines = [
+        f"## Drift check: {report.model_name} v{report.version} — {verdict}",
+        "",
+        f"**Model drift score {report.score:.3f}** "
+        f"({'>' if report.drifted else '≤'} drift_threshold {report.threshold:.2f}; "
+        f"{report.weighting}-weighted share of drifted features; alert above "
+        f"{report.alert_threshold:.2f}).",
+        "",
+        f"- data: `{report.data_ref or 'a DataFrame'}` — {report.n_current:,} rows, versus the "
+        f"profile of the {report.n_reference:,} training rows of v{report.version}",
+        f"- drifted features ({len(report.drifted_features)}/{len(report.features)}): "
+        f"{', '.join(report.drifted_features) or 'none'}",
+        f"- per-feature test at alpha {report.alpha} (KS numeric, chi² categorical) and minimum "
+        f"effect {report.min_effect.get('numeric')} sd / JS {report.min_effect.get('categorical')}",
+    ]
+    if report.alerted:
+        lines.append(f"- alert sent to: {', '.join(report.alerts_sent) or 'no channel'}"
+                     + (f" (failed: {'; '.join(report.alert_errors)})" if report.alert_errors else ""))
+    if recorded is not None:
+        lines.append(f"- MLflow run `{recorded.run_id}`"
+                     + (f" ([open]({recorded.run_url}))" if recorded.run_url else ""))
+        if recorded.plot_uri:
+            lines.append(f"- plot: [reference vs current, most drifted features]({recorded.plot_uri})")
+            if recorded.plot_uri.startswith(("http://", "https://")):
+                lines += ["", f"![most drifted features]({recorded.plot_uri})"]
+    lines += ["", "| feature | kind | test | statistic | p-value | PSI (noise) | effect | importance | drifted |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for f in report.features:
+        lines.append(f"| {f.name} | {f.kind} | {f.method} | {f.statistic:.4f} | {_p(f.p_value)} | "
+                     f"{f.psi:.4f} ({f.psi_threshold:.4f}) | {f.effect:.3f} | {f.importance:.3f} | "
+                     f"{'**yes**' if f.drifted else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+@task(name="publish-drift-artifacts", cache_policy=NO_CACHE)
+def publish_drift(report: DriftReport, recorded: Recorded | None) -> str:
+    """Markdown summary at ``drift-<slug>`` and the per-feature table at ``drift-<slug>-features``."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    key = f"drift-{model_slug(report.model_name)}"
+    headline = (f"{report.model_name} v{report.version}: drift score {report.score:.2f} "
+                f"({'drifted' if report.drifted else 'not drifted'})")
+    create_markdown_artifact(key=key, markdown=drift_markdown(report, recorded), description=headline)
+    create_table_artifact(key=f"{key}-features", table=drift_table(report), description=headline)
+    return key
+
+
+# --------------------------------------------------------------------------- profile_model
+def model_input_kinds(reference: Reference, frame: pd.DataFrame) -> dict[str, str]:
+    """feature -> kind: from the stored schema, else the model's signature, else the dtypes of
+    ``frame`` (the target named by the version's tag left out)."""
+    schema = reference.schema
+    if schema:
+        return {**{c: "numeric" for c in schema["numeric"]},
+                **{c: "categorical" for c in schema["categorical"]}}
+    names: list[str] | None = None
+    try:
+        from mlflow.models import get_model_info
+
+        sig = get_model_info(f"models:/{reference.model_name}/{reference.version}").signature
+        if sig is not None and sig.inputs is not None and sig.inputs.has_input_names():
+            names = list(sig.inputs.input_names())
+    except Exception:
+        names = None
+    target = reference.tags.get("mlops.target")
+    if names is None:
+        names = [str(c) for c in frame.columns if str(c) != target]
+    missing = [n for n in names if n not in frame.columns]
+    if missing:
+        raise DriftInputError(f"the data lacks columns the model takes: {missing}; pass the data "
+                              "the version was trained on")
+    from tasks.drift_metrics import _infer_kind
+
+    kinds = {}
+    for n in names:
+        kind = _infer_kind(frame[n])
+        if kind is None:
+            raise DriftInputError(f"column {n!r} has unsupported dtype {frame[n].dtype}")
+        kinds[n] = kind
+    return kinds
+
+
+def _model_features(frame: pd.DataFrame, kinds: dict[str, str]) -> pd.DataFrame:
+    """The columns as the model sees them (numeric float64, categorical strings)."""
+    missing = [c for c in kinds if c not in frame.columns]
+    if missing:
+        raise DriftInputError(f"the data lacks {len(missing)} column(s) the model takes: "
+                              f"{missing}; pass the data version was trained on")
+    out = pd.DataFrame(index=frame.index)
+    bad = []
+    for c, kind in kinds.items():
+        if kind == "numeric":
+            try:
+                out[c] = pd.to_numeric(frame[c]).astype("float64")
+            except (ValueError, TypeError):
+                bad.append(f"{c!r} ({frame[c].dtype})")
+        else:
+            col = frame[c].astype(object)
+            out[c] = col.where(col.isna(), col.astype(str)).astype(object)
+    if bad:
+        raise DriftInputError(f"columns the model takes as numbers are not numeric: "
+                              f"{', '.join(bad)}; fix the data")
+    return out
+
+
+def _importances(reference: Reference, frame: pd.DataFrame, X: pd.DataFrame) -> dict | None:
+    """Permutation importances on up to IMPORTANCE_ROWS labelled rows, when the data holds the
+    target the version was trained on and the version has a schema; else None."""
+    schema = reference.schema
+    if not schema or schema.get("target") not in frame.columns:
+        return None
+    import mlflow
+
+    from tasks.training_search import permutation_importance_by_column
+
+    y = frame[schema["target"]]
+    keep = y.notna().to_numpy()
+    Xs, ys = X[keep].iloc[:IMPORTANCE_ROWS], y[keep].iloc[:IMPORTANCE_ROWS]
+    if len(Xs) < 10:
+        return None
+    try:
+        model = mlflow.sklearn.load_model(f"models:/{reference.model_name}/{reference.version}")
+        return permutation_importance_by_column(model, Xs, ys, schema["task"], random_state=0)
+    except Exception as exc:  # optional: without importances every feature weighs the same
+        from prefect import get_run_logger
+
+        get_run_logger().warning("no feature importances for %s v%s (%s: %s); the drift score "
+                                 "will weigh every feature the same", reference.model_name,
+                                 reference.version, type(exc).__name__, exc)
+        return None
+
+
+@task(name="build-and-store-profile", cache_policy=NO_CACHE)
+def store_profile(reference: Reference, loaded: LoadedData, overwrite: bool) -> ProfileInfo:
+    """Profile the training data of an existing version into a run of its own and point the
+    version's ``mlops.profile_run_id`` tag at it (the training run is left untouched)."""
+    replaced = reference.profile is not None
+    if replaced and not overwrite:
+        raise DataError(
+            f"model {reference.model_name!r} version {reference.version} already has a drift "
+            "profile; pass overwrite=True to replace it (checks then compare against the new data)")
+    frame = loaded.frame
+    if len(frame) == 0:
+        raise DriftInputError("the training data has no rows; pass the rows the version was "
+                              "trained on")
+    kinds = model_input_kinds(reference, frame)
+    X = _model_features(frame, kinds)
+    profile = build_profile(X, feature_types=kinds)
+    importances = reference.importances or _importances(reference, frame, X)
+    documents: dict[str, Any] = {f"mlops/{PROFILE_NAME}": profile}
+    if importances is not None:
+        documents[f"mlops/{IMPORTANCES_NAME}"] = importances
+    tags = {"mlops.kind": "profile", "mlops.model_name": reference.model_name,
+            "mlops.model_version": str(reference.version),
+            "mlops.data_ref": loaded.ref or "(DataFrame)", "mlops.data_sha256": loaded.sha256,
+            "mlops.summary": f"drift profile of v{reference.version}: {len(X)} rows"}
+    run_id, _ = _log_run(reference, f"profile-{reference.model_name}-v{reference.version}", tags,
+                         {"n_rows": len(X), "n_features": len(kinds)}, documents, {})
+    client = mlflow_client()
+    client.set_model_version_tag(reference.model_name, str(reference.version), PROFILE_RUN_TAG, run_id)
+    return ProfileInfo(model_name=reference.model_name, version=reference.version, run_id=run_id,
+                       n_rows=len(X), features=kinds, importances=importances is not None,
+                       data_ref=loaded.ref, data_sha256=loaded.sha256, replaced=replaced)
+
+
+# --------------------------------------------------------------------------- evaluate_production
+class PerformanceReport(BaseModel):
+    """The result of ``evaluate_production`` (DESIGN.md section 5; extra fields after
+    ``degraded``)."""
+
+    model_name: str
+    version: int
+    metrics: dict[str, float] = Field(description="every applicable metric on the labelled data")
+    baseline_metrics: dict[str, float] = Field(description="the version's holdout metrics")
+    degraded: bool = Field(description="some threshold of the monitoring policy was crossed")
+    reasons: list[str] = Field(default_factory=list, description="what crossed which threshold")
+    metric: str | None = Field(None, description="the version's primary metric")
+    metric_diff: dict[str, float] = Field(default_factory=dict, description="current − baseline")
+    task: str | None = None
+    target: str | None = None
+    n_rows: int = 0
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    alerted: bool = False
+    alerts_sent: list[str] = Field(default_factory=list)
+    alert_errors: list[str] = Field(default_factory=list)
+    data_ref: str | None = None
+    data_sha256: str | None = None
+    run_id: str | None = None
+    checked_at: datetime | None = None
+    duration_s: float | None = None
+
+
+def baseline_metrics(reference: Reference) -> dict[str, float]:
+    """Holdout metrics recorded with the version (``holdout_<m>`` run metrics, else the
+    version's ``metric.<m>`` tags)."""
+    found = {k[len("holdout_"):]: float(v) for k, v in (reference.run_metrics or {}).items()
+             if k.startswith("holdout_")}
+    if not found:
+        found = {k[len("metric."):]: float(v) for k, v in reference.tags.items()
+                 if k.startswith("metric.")}
+    return found
+
+
+def degradation_reasons(task_kind: str, metrics: dict[str, float], baseline: dict[str, float],
+                        metric: str | None, policy: MonitoringPolicy) -> list[str]:
+    """Each threshold of the policy the metrics cross, as a sentence (pure)."""
+    from tasks.training_search import greater_is_better
+
+    reasons = []
+    if task_kind == "regression":
+        if "r2" in metrics and metrics["r2"] < policy.r2_alert_threshold:
+            reasons.append(f"r2 {metrics['r2']:.4f} is below r2_alert_threshold "
+                           f"{policy.r2_alert_threshold:.2f}")
+    elif "accuracy" in metrics and metrics["accuracy"] < policy.accuracy_alert_threshold:
+        reasons.append(f"accuracy {metrics['accuracy']:.4f} is below accuracy_alert_threshold "
+                       f"{policy.accuracy_alert_threshold:.2f}")
+    if metric and metric in metrics and metric in baseline and baseline[metric] != 0:
+        now, then = metrics[metric], baseline[metric]
+        worse = (then - now) if greater_is_better(metric) else (now - then)
+        relative = worse / abs(then)
+        if relative > policy.max_relative_degradation:
+            reasons.append(f"{metric} {now:.4f} is {relative:.1%} worse than the holdout "
+                           f"{then:.4f} (max_relative_degradation "
+                           f"{policy.max_relative_degradation:.0%})")
+    return reasons
+
+
+def evaluate_labelled(reference: Reference, frame: pd.DataFrame, target: str,
+                      policy: MonitoringPolicy, data_ref: str | None = None,
+                      data_sha256: str | None = None) -> PerformanceReport:
+    """Score the version on labelled rows; compare with its holdout metrics. Raises DataError for
+    empty data, a missing target or feature columns, missing or unknown labels."""
+    import mlflow
+
+    from tasks.training_search import DEFAULT_METRIC, Schema, evaluate_metrics, prepare_features
+
+    if reference.schema is None:
+        raise DataError(
+            f"model {reference.model_name!r} version {reference.version} has no stored input "
+            "schema (mlops/schema.json), so its features and task are unknown; evaluate a "
+            "version trained with train_model")
+    schema = Schema.from_dict(reference.schema)
+    if not isinstance(frame, pd.DataFrame) or len(frame) == 0:
+        raise DataError("the labelled data is empty; pass production rows with their outcomes")
+    if target not in frame.columns:
+        raise DataError(f"the labelled data lacks the target column {target!r}; columns: "
+                        f"{', '.join(map(str, frame.columns))}")
+    missing = [c for c in schema.columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"the labelled data lacks {len(missing)} column(s) the model needs: "
+                        f"{missing}")
+    y = frame[target]
+    if y.isna().all():
+        raise DataError(f"target column {target!r} is entirely missing; record outcomes first")
+    if y.isna().any():
+        raise DataError(f"target column {target!r} has {int(y.isna().sum())} missing labels; "
+                        "drop the rows without an outcome")
+    if schema.task != "regression":
+        known = {str(c) for c in schema.classes}
+        unknown = sorted({str(v) for v in y.unique()} - known)
+        if unknown:
+            raise DataError(f"target {target!r} holds labels the model was not trained on: "
+                            f"{unknown[:10]}; it knows {sorted(known)}")
+        if all(not isinstance(c, str) for c in schema.classes):
+            y = y.astype(type(schema.classes[0]))
+        else:
+            y = y.astype(str)
+    elif not pd.api.types.is_numeric_dtype(y):
+        raise DataError(f"target {target!r} must be numeric for a regression model; got {y.dtype}")
+    for c in schema.columns:
+        if frame[c].isna().all():
+            raise DataError(f"column {c!r} is entirely missing in the labelled data")
+    X = prepare_features(frame, schema)
+    model = mlflow.sklearn.load_model(f"models:/{reference.model_name}/{reference.version}")
+    metrics = evaluate_metrics(model, X, y, schema.task)
+    baseline = baseline_metrics(reference)
+    metric = reference.tags.get("mlops.metric") or DEFAULT_METRIC.get(schema.task)
+    reasons = degradation_reasons(schema.task, metrics, baseline, metric, policy)
+    thresholds = ({"r2_alert_threshold": policy.r2_alert_threshold} if schema.task == "regression"
+                  else {"accuracy_alert_threshold": policy.accuracy_alert_threshold})
+    thresholds["max_relative_degradation"] = policy.max_relative_degradation
+    return PerformanceReport(
+        model_name=reference.model_name, version=reference.version, metrics=metrics,
+        baseline_metrics=baseline, degraded=bool(reasons), reasons=reasons, metric=metric,
+        metric_diff={k: metrics[k] - baseline[k] for k in sorted(set(metrics) & set(baseline))},
+        task=schema.task, target=target, n_rows=len(frame), thresholds=thresholds,
+        data_ref=data_ref, data_sha256=data_sha256, checked_at=datetime.now(timezone.utc))
+
+
+@task(name="score-labelled-batch", cache_policy=NO_CACHE)
+def evaluate_batch(reference: Reference, loaded: LoadedData, target: str,
+                   policy: MonitoringPolicy) -> PerformanceReport:
+    return evaluate_labelled(reference, loaded.frame, target, policy, loaded.ref, loaded.sha256)
+
+
+@task(name="record-evaluation", cache_policy=NO_CACHE)
+def record_evaluation(report: PerformanceReport, reference: Reference) -> Recorded:
+    metrics = {f"production_{k}": v for k, v in report.metrics.items()}
+    metrics.update({f"delta_{k}": v for k, v in report.metric_diff.items()})
+    metrics.update({"degraded": float(report.degraded), "n_rows": report.n_rows})
+    tags = {"mlops.kind": "production-evaluation", "mlops.model_name": report.model_name,
+            "mlops.model_version": str(report.version),
+            "mlops.degraded": str(report.degraded).lower(),
+            "mlops.data_ref": report.data_ref or "(DataFrame)",
+            "mlops.data_sha256": report.data_sha256 or "",
+            "mlops.summary": "; ".join(report.reasons) or "no threshold crossed"}
+    run_id, experiment_id = _log_run(
+        reference, f"evaluate-{report.model_name}-v{report.version}", tags, metrics,
+        {"monitoring/performance.json": json.loads(report.model_dump_json())}, {})
+    return Recorded(run_id=run_id, experiment_id=experiment_id, plot_uri=None,
+                    run_url=run_link(run_id, experiment_id))
+
+
+def performance_markdown(report: PerformanceReport) -> str:
+    verdict = "DEGRADED" if report.degraded else "healthy"
+    lines = [f"## Production evaluation: {report.model_name} v{report.version} — {verdict}", "",
+             f"- labelled data: `{report.data_ref or 'a DataFrame'}` — {report.n_rows:,} rows, "
+             f"target `{report.target}`",
+             *[f"- **{r}**" for r in report.reasons]]
+    if report.alerted:
+        lines.append(f"- alert sent to: {', '.join(report.alerts_sent) or 'no channel'}"
+                     + (f" (failed: {'; '.join(report.alert_errors)})" if report.alert_errors else ""))
+    if report.run_id:
+        lines.append(f"- MLflow run `{report.run_id}`")
+    lines += ["", "| metric | production | holdout | difference |", "|---|---|---|---|"]
+    for k, v in report.metrics.items():
+        base = report.baseline_metrics.get(k)
+        lines.append(f"| {k}{' (primary)' if k == report.metric else ''} | {v:.4f} | "
+                     f"{'' if base is None else f'{base:.4f}'} | "
+                     f"{'' if base is None else f'{v - base:+.4f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+@task(name="publish-evaluation-artifact", cache_policy=NO_CACHE)
+def publish_evaluation(report: PerformanceReport) -> str:
+    from prefect.artifacts import create_markdown_artifact
+
+    key = f"performance-{model_slug(report.model_name)}"
+    create_markdown_artifact(
+        key=key, markdown=performance_markdown(report),
+        description=f"{report.model_name} v{report.version}: "
+                    f"{'degraded' if report.degraded else 'healthy'} on {report.n_rows} rows")
+    return key
+
+
+def elapsed(started: float) -> float:
+    return round(time.monotonic() - started, 3)
