@@ -14,6 +14,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow  # noqa: E402
 
 from blocks.mlflow_config import resolve_mlflow_config, state_dir  # noqa: E402
+from flows.drift import lifecycle_step as step_drift  # noqa: E402
 from flows.registry import compare_versions, list_versions, promote_model, rollback_model  # noqa: E402
 from flows.training import train_model  # noqa: E402
 from tasks.demo_data import MODEL_NAME, TARGET, write_churn_batches  # noqa: E402
@@ -70,7 +71,7 @@ def step_promote_and_rollback(story: Story) -> None:
     story.say(f"registry  {table}")
 
 
-STEPS = [step_data, step_train, step_compare, step_promote_and_rollback]
+STEPS = [step_data, step_train, step_compare, step_promote_and_rollback, step_drift]
 
 
 @flow(name="mlops-lifecycle", log_prints=True)
