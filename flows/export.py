@@ -1,0 +1,93 @@
+"""export_model: load a version → validate formats and sample → per format: capability check,
+convert, parity gate, latency → publish with the version (MLflow, S3, manifest, edge bundle) →
+table artifact and event. The seed's `export_best_model(format=..., sample_data=X)`.
+
+Formats: onnx (skl2onnx → onnxruntime), pmml (sklearn2pmml → JPMML-Evaluator; needs Java, AGPL),
+tflite and coreml (registered; unsupported until their exporters land), or "edge": every device
+format available, quantized where that keeps parity, as one zip bundle with its manifest.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from blocks.export_settings import resolve_export_settings
+from tasks.events import emit_model_event
+from tasks.export.base import plan_formats
+from tasks.export.report import ExportReport, ExportResult, summary_line, table_rows
+from tasks.export.steps import (export_one, fetch_export, load_subject, parity_sample, publish,
+                                reference_outputs)
+from tasks.registry import model_slug, validate_model_name
+
+FormatName = Literal["onnx", "pmml", "tflite", "coreml", "edge"]
+
+
+@flow(name="export-model", log_prints=True)
+def export_model(
+    model_name: str,
+    version: int | str = "champion",
+    formats: list[FormatName] | FormatName = ("onnx",),  # type: ignore[assignment]
+    quantize: bool = False,
+    sample_data: Any = None,
+) -> ExportReport:
+    """Export a registered version to deployable formats, each checked against scikit-learn.
+
+    version: a number or an alias (champion, challenger, Production, Staging). formats: any of
+    onnx, pmml, tflite, coreml, or "edge" (every device format, quantized where honest, zipped
+    with its manifest). quantize: try a quantized variant where it applies (ONNX MatMul/Gemm
+    weights); reported "not applicable" elsewhere, and refused when it breaks parity.
+    sample_data: rows with the model's columns (path, s3:// URI or DataFrame) for the parity gate;
+    default: the version's stored holdout. A file that fails its gate is not published.
+    """
+    logger = get_run_logger()
+    validate_model_name(model_name)
+    plan = plan_formats(formats, quantize)
+    settings = resolve_export_settings()
+
+    subject = load_subject(model_name, version)
+    sample = parity_sample(subject, sample_data, settings.parity_max_rows)
+    reference = reference_outputs(subject, sample, settings.latency_rows)
+    options = {"latency_rows": settings.latency_rows,
+               "pmml_failure_reports": settings.pmml_failure_reports}
+    outcomes = [export_one(fmt, subject, sample, reference, fmt in plan.quantize, options)
+                for fmt in plan.formats]
+    published = publish(subject, outcomes, plan, sample, settings)
+
+    results: list[ExportResult] = [o.result for o in outcomes]
+    key = f"export-{model_slug(model_name)}-v{subject.version}"
+    create_table_artifact(key=key, table=table_rows(results),
+                          description=f"{model_name} v{subject.version}: export to "
+                                      f"{', '.join(plan.formats)}; parity on {sample.info['rows']} "
+                                      f"{sample.info['source']} rows")
+    emit_model_event(model_name, "mlops.model.exported", {
+        "version": subject.version, "formats": {r.format: r.status for r in results},
+        "bundle": str(published.bundle_path) if published.bundle_path else None})
+    for r in results:
+        logger.info("export %s", summary_line(r))
+    return ExportReport(
+        model_name=model_name, version=subject.version, formats=results,
+        bundle_path=str(published.bundle_path) if published.bundle_path else None,
+        run_id=subject.run_id, manifest_path=str(published.manifest_path),
+        manifest_uri=published.manifest_uri, bundle_uri=published.bundle_uri,
+        bundle_s3_uri=published.bundle_s3_uri, sample_source=sample.info["source"],
+        sample_rows=sample.info["rows"], artifact_key=key)
+
+
+@flow(name="download-export")
+def download_export(model_name: str, version: int | str = "champion",
+                    format: FormatName = "onnx", dst_dir: str | None = None) -> str:
+    """Local path of a published export of a version (format "edge": the zip bundle), verified
+    against the manifest's sha256."""
+    validate_model_name(model_name)
+    return fetch_export(model_name, version, format, dst_dir)
+
+
+def lifecycle_step(story) -> None:
+    """The main job's export step: the champion to ONNX, PMML and the edge bundle, in a table."""
+    report = export_model(story.model_name, "champion", formats=["onnx", "pmml", "edge"])
+    story.say(f"export    v{report.version} (champion) checked against scikit-learn on "
+              f"{report.sample_rows} {report.sample_source} rows; edge bundle {report.bundle_path}")
+    for r in report.formats:
+        story.say(f"export    {summary_line(r)}")
