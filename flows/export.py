@@ -3,17 +3,18 @@ convert, parity gate, latency → publish with the version (MLflow, S3, manifest
 table artifact and event. The seed's `export_best_model(format=..., sample_data=X)`.
 
 Formats: onnx (skl2onnx → onnxruntime), pmml (sklearn2pmml → JPMML-Evaluator; needs Java, AGPL),
-tflite and coreml (registered; unsupported until their exporters land), or "edge": every device
+tflite (ai-edge-litert) and coreml (spec evaluated on Linux), or "edge": every device
 format available, quantized where that keeps parity, as one zip bundle with its manifest.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from blocks.export_settings import resolve_export_settings
+from tasks.data import DataRef
 from tasks.events import emit_model_event
 from tasks.export.base import plan_formats
 from tasks.export.report import ExportReport, ExportResult, summary_line, table_rows
@@ -30,7 +31,7 @@ def export_model(
     version: int | str = "champion",
     formats: list[FormatName] | FormatName = ("onnx",),  # type: ignore[assignment]
     quantize: bool = False,
-    sample_data: Any = None,
+    sample_data: DataRef | None = None,
 ) -> ExportReport:
     """Export a registered version to deployable formats, each checked against scikit-learn.
 

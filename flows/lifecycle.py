@@ -15,6 +15,7 @@ from prefect import flow  # noqa: E402
 
 from blocks.mlflow_config import resolve_mlflow_config, state_dir  # noqa: E402
 from flows.drift import lifecycle_step as step_drift  # noqa: E402
+from flows.export import lifecycle_step as step_export  # noqa: E402
 from flows.registry import compare_versions, list_versions, promote_model, rollback_model  # noqa: E402
 from flows.training import train_model  # noqa: E402
 from tasks.demo_data import MODEL_NAME, TARGET, write_churn_batches  # noqa: E402
@@ -71,7 +72,8 @@ def step_promote_and_rollback(story: Story) -> None:
     story.say(f"registry  {table}")
 
 
-STEPS = [step_data, step_train, step_compare, step_promote_and_rollback, step_drift]
+STEPS = [step_data, step_train, step_compare, step_promote_and_rollback, step_drift,
+         step_export]
 
 
 @flow(name="mlops-lifecycle", log_prints=True)
