@@ -201,7 +201,8 @@ def test_training_registers_a_champion_with_its_artifacts_on_the_server(
     stored = list(mlflow_server.artifacts_dir.rglob("holdout.parquet"))
     assert any(result.run_id in str(p) for p in stored), "holdout not in the server's store"
     # nothing went to the embedded store
-    embedded = MlflowClient(tracking_uri=f"sqlite:///{state_dir / 'mlflow.db'}")
+    local = f"sqlite:///{state_dir / 'mlflow.db'}"
+    embedded = MlflowClient(tracking_uri=local, registry_uri=local)
     assert embedded.search_registered_models() == []
     assert not (state_dir / "mlartifacts").exists()
 
