@@ -1,7 +1,9 @@
 """Prefect blocks of mlops-flows. `prefect block register -m blocks` registers every type here."""
+from blocks.ab_policy import ABPolicy, resolve_ab_policy
 from blocks.export_settings import ExportSettings, resolve_export_settings
 from blocks.mlflow_config import MLflowConfig, resolve_mlflow_config, state_dir
 from blocks.monitoring import MonitoringPolicy, resolve_monitoring_policy
 
-__all__ = ["ExportSettings", "MLflowConfig", "MonitoringPolicy", "resolve_export_settings",
-           "resolve_mlflow_config", "resolve_monitoring_policy", "state_dir"]
+__all__ = ["ABPolicy", "ExportSettings", "MLflowConfig", "MonitoringPolicy", "resolve_ab_policy",
+           "resolve_export_settings", "resolve_mlflow_config", "resolve_monitoring_policy",
+           "state_dir"]

@@ -14,6 +14,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from prefect import flow  # noqa: E402
 
 from blocks.mlflow_config import resolve_mlflow_config, state_dir  # noqa: E402
+from flows.ab_testing import lifecycle_step as step_ab_test  # noqa: E402
 from flows.drift import lifecycle_step as step_drift  # noqa: E402
 from flows.export import lifecycle_step as step_export  # noqa: E402
 from flows.registry import compare_versions, list_versions, promote_model, rollback_model  # noqa: E402
@@ -73,7 +74,7 @@ def step_promote_and_rollback(story: Story) -> None:
 
 
 STEPS = [step_data, step_train, step_compare, step_promote_and_rollback, step_drift,
-         step_export]
+         step_export, step_ab_test]
 
 
 @flow(name="mlops-lifecycle", log_prints=True)
