@@ -86,7 +86,7 @@ def lifecycle(model_name: str = MODEL_NAME, time_budget_s: float = 20) -> list[s
     uri = resolve_mlflow_config().tracking_uri
     mlflow_ui = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
     story.say(f"look      MLflow UI: {mlflow_ui}")
-    story.say("          Prefect UI: flow runs, the train-/registry-/compare- artifacts "
+    story.say("          Prefect UI: flow runs and their artifacts (train-, registry-, compare-, drift-, export-, ab-) "
               "(`make up` serves it on http://127.0.0.1:4200)")
     return story.lines
 
@@ -96,6 +96,8 @@ if __name__ == "__main__":
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # coremltools warns at import that its macOS-only runtime is absent; the export says so itself
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
     from flows.local_runs import local_run_settings
 
     with local_run_settings():
