@@ -27,7 +27,7 @@ from blocks.mlflow_config import resolve_mlflow_config, state_dir
 from tasks import ab_stats
 from tasks.ab import (CHALLENGER_ARM, CHAMPION_ARM, ABStore, ABTestClosedError,
                       ArmTotals, TestRecord, from_ms, now_ms, open_store)
-from tasks.data import READABLE
+from tasks.data import READABLE, s3_bucket_for, split_s3_uri
 from tasks.errors import ConfigurationError, DataError
 from tasks.registry import mlflow_client, model_slug, resolve_version
 from tasks.routing import is_challenger
@@ -487,22 +487,8 @@ def check_output(output: str | None, model_name: str) -> str:
 
 
 def _s3_block(uri: str):
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-    from prefect_aws.s3 import S3Bucket
-
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket or not key:
-        raise DataError(f"{uri!r} is not an object URI; expected s3://<bucket>/<key>")
-    try:
-        with get_client(sync_client=True) as client:
-            documents = client.read_block_documents_by_type("s3-bucket")
-    except ObjectNotFound:
-        documents = []
-    names = sorted(d.name for d in documents if (d.data or {}).get("bucket_name") == bucket)
-    if not names:
-        raise DataError(f"no saved S3Bucket block for bucket {bucket!r} (needed to write {uri!r})")
-    return S3Bucket.load(names[0]).model_copy(update={"bucket_folder": ""}), key
+    bucket, key = split_s3_uri(uri)
+    return s3_bucket_for(bucket, uri, purpose="write"), key
 
 
 def write_table(frame: pd.DataFrame, target: str) -> str:

@@ -57,15 +57,13 @@ def _parse(raw: bytes | Path, suffix: str, ref: str) -> pd.DataFrame:
         raise DataError(f"cannot read {ref!r} as {kind}: {exc}") from exc
 
 
-def _read_s3(uri: str) -> bytes:
-    from botocore.exceptions import ClientError
+def s3_bucket_for(bucket: str, uri: str, purpose: str = "read"):
+    """The saved prefect-aws S3Bucket block for `bucket` (the first by name), reading keys as the
+    URI names them in full (the block's own `bucket_folder` is not prefixed)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect_aws.s3 import S3Bucket
 
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket or not key:
-        raise DataError(f"{uri!r} is not an object URI; expected s3://<bucket>/<key>")
     try:
         with get_client(sync_client=True) as client:
             documents = client.read_block_documents_by_type("s3-bucket")
@@ -74,18 +72,34 @@ def _read_s3(uri: str) -> bytes:
     names = sorted(d.name for d in documents if (d.data or {}).get("bucket_name") == bucket)
     if not names:
         raise DataError(
-            f"no saved S3Bucket block for bucket {bucket!r} (needed to read {uri!r}); save one, "
+            f"no saved S3Bucket block for bucket {bucket!r} (needed to {purpose} {uri!r}); save one, "
             "e.g. S3Bucket(bucket_name=..., credentials=MinIOCredentials(...)).save('name')"
         )
-    # the URI names the full key: read it as is, not under the block's bucket_folder
-    block = S3Bucket.load(names[0]).model_copy(update={"bucket_folder": ""})
+    return S3Bucket.load(names[0]).model_copy(update={"bucket_folder": ""})
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """s3://bucket/key -> (bucket, key); both must be present."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket or not key:
+        raise DataError(f"{uri!r} is not an object URI; expected s3://<bucket>/<key>")
+    return bucket, key
+
+
+def _read_s3(uri: str) -> bytes:
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3_uri(uri)
+    block = s3_bucket_for(bucket, uri)
     try:
         return block.read_path(key)
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
-            raise DataError(f"no object {key!r} in bucket {bucket!r} (S3Bucket block {names[0]!r}); "
-                            "check the key: the URI must name the full key, folders included") from exc
-        raise DataError(f"cannot read {uri!r} through S3Bucket block {names[0]!r}: {exc}") from exc
+            raise DataError(f"no object {key!r} in bucket {bucket!r} (S3Bucket block "
+                            f"{block._block_document_name!r}); check the key: the URI must name "
+                            "the full key, folders included") from exc
+        raise DataError(f"cannot read {uri!r} through S3Bucket block "
+                        f"{block._block_document_name!r}: {exc}") from exc
 
 
 def load_table(data: str | Path | pd.DataFrame) -> LoadedData:

@@ -43,7 +43,7 @@ from pydantic import BaseModel, Field
 
 from blocks.mlflow_config import resolve_mlflow_config
 from blocks.monitoring import MonitoringPolicy
-from tasks.data import READABLE, LoadedData, load_table
+from tasks.data import READABLE, LoadedData, load_table, s3_bucket_for
 from tasks.drift_metrics import (DriftInputError, FeatureStats, build_profile, compare_to_profile,
                                  model_drift_score)
 from tasks.errors import DataError, MlopsError
@@ -235,27 +235,10 @@ def load_reference(model_name: str, version: int | str, need_profile: bool = Tru
 
 
 # --------------------------------------------------------------------------- the batch
-def _s3_bucket_block(bucket: str, uri: str):
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-    from prefect_aws.s3 import S3Bucket
-
-    try:
-        with get_client(sync_client=True) as client:
-            documents = client.read_block_documents_by_type("s3-bucket")
-    except ObjectNotFound:
-        documents = []
-    names = sorted(d.name for d in documents if (d.data or {}).get("bucket_name") == bucket)
-    if not names:
-        raise DataError(f"no saved S3Bucket block for bucket {bucket!r} (needed to list {uri!r}); "
-                        "save one, e.g. S3Bucket(bucket_name=..., credentials=...).save('name')")
-    return S3Bucket.load(names[0]).model_copy(update={"bucket_folder": ""})
-
-
 def latest_in_prefix(uri: str) -> str:
     """``s3://bucket/prefix/`` -> the URI of the newest csv/parquet object under the prefix."""
     bucket, _, prefix = uri[len("s3://"):].partition("/")
-    block = _s3_bucket_block(bucket, uri)
+    block = s3_bucket_for(bucket, uri, purpose="list")
     objects = [o for o in block.list_objects(folder=prefix)
                if Path(o["Key"]).suffix.lower() in READABLE]
     if not objects:
