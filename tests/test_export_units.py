@@ -328,3 +328,22 @@ def test_a_converter_failure_is_a_result_with_the_converters_words(churn, tmp_pa
         PmmlExporter().convert(odd, tmp_path)  # bypassing the check: Java's own message
     expired = converter_error("SEVERE: The SkLearn2PMML package has expired", None)
     assert "upgrade sklearn2pmml" in expired
+
+
+# --------------------------------------------------------------------------- ONNX specifics
+def test_onnx_feeds_columns_whose_names_skl2onnx_sanitises(tmp_path):
+    from sklearn.datasets import load_iris
+
+    frame = load_iris(as_frame=True).frame  # columns like "sepal length (cm)"
+    schema = infer_schema(frame, "target", "multiclass")
+    X = prepare_features(frame, schema)
+    subject = subject_of(build_pipeline(schema, "linear", {"C": 1.0}, 0).fit(X, frame["target"]),
+                         schema)
+    reference = sklearn_reference(subject, X, with_latency=False)
+    outcome = export_format("onnx", subject, X, reference, tmp_path, latency_rows=20)
+    r = outcome.result
+    assert r.status == "ok", r.reason
+    assert r.max_abs_diff <= 1e-5 and r.changed_labels == 0
+    inputs = outcome.conversion.inputs
+    assert [i["column"] for i in inputs] == list(X.columns)
+    assert inputs[0]["name"] == "sepal_length__cm_"  # what a caller feeds the ONNX session

@@ -107,9 +107,11 @@ class OnnxExporter(Exporter):
         path.write_bytes(model.SerializeToString())
         return Conversion(
             files=[path], precision="float32",
-            inputs=[{"name": c, "type": "float32" if c in schema.numeric else "string",
+            # skl2onnx sanitises input names ("sepal length (cm)" -> "sepal_length__cm_"): the
+            # graph's inputs keep the raw columns' order, so each name maps to its column
+            inputs=[{"name": g.name, "column": c, "type": "float32" if c in schema.numeric else "string",
                      "shape": [None, 1], "missing": "NaN" if c in schema.numeric else MISSING_CATEGORY}
-                    for c in order],
+                    for g, c in zip(model.graph.input, order)],
             outputs=_outputs(model),
             details={"opset": TARGET_OPSET, "ops": sorted({n.op_type for n in model.graph.node})})
 
@@ -165,16 +167,19 @@ class OnnxRunner(Runner):
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
+        pre = subject.pipeline.steps[0][1] if len(getattr(subject.pipeline, "steps", [])) > 1 else None
+        columns = [str(c) for c in getattr(pre, "feature_names_in_", subject.schema.columns)]
+        # graph inputs follow the raw columns' order; their names may be sanitised by skl2onnx
+        self.inputs = list(zip((i.name for i in self.session.get_inputs()), columns))
         self.numeric = set(subject.schema.numeric)
         self.classifier = subject.is_classifier
         self.runtime = f"onnxruntime {ort.__version__} (CPU, 1 thread)"
 
     def prepare(self, X: pd.DataFrame) -> dict[str, np.ndarray]:
         feeds = {}
-        for name in self.inputs:
-            col = X[name]
-            if name in self.numeric:
+        for name, column in self.inputs:
+            col = X[column]
+            if column in self.numeric:
                 feeds[name] = col.to_numpy(dtype=np.float32, na_value=np.nan).reshape(-1, 1)
             else:
                 values = col.astype(object).where(col.notna(), MISSING_CATEGORY)
