@@ -54,10 +54,19 @@ def native_categoricals(estimator: Any) -> list[int]:
 
 
 def check_pipeline(subject: ExportSubject, title: str, estimators: set[str],
-                   transformers: set[str] = COMMON_TRANSFORMERS) -> Capability:
+                   transformers: set[str] = COMMON_TRANSFORMERS,
+                   native_categoricals_why: str | None = None) -> Capability:
     """The checks every format shares: a fitted scikit-learn Pipeline on the schema's raw
-    columns, known preprocessing, a known final estimator, a task the format carries."""
+    columns, known preprocessing, a known final estimator, a task the format carries.
+    `native_categoricals_why`: a format that cannot carry HistGradientBoosting's native
+    categorical splits says why, and such a model is refused first."""
     pipeline = subject.pipeline
+    natives = native_categoricals(final_estimator(pipeline))
+    if natives and native_categoricals_why:
+        return Capability.no(
+            f"{type(final_estimator(pipeline)).__name__} with native categorical features "
+            f"(feature indices {natives}) {native_categoricals_why}; retrain with one-hot encoded "
+            "categoricals (categorical_features=None), as train_model does")
     if type(pipeline).__name__ != "Pipeline" or not getattr(pipeline, "steps", None):
         return Capability.no(f"{title} export needs a scikit-learn Pipeline (preprocessing + "
                              f"estimator) on the raw columns; got {type(pipeline).__name__}")

@@ -61,7 +61,7 @@ import pandas as pd
 
 from tasks.export.base import (Capability, Conversion, ExportError, Exporter, ExportSubject,
                                Prediction, Runner)
-from tasks.export.capability import check_pipeline, final_estimator, native_categoricals
+from tasks.export.capability import check_pipeline, native_categoricals
 
 MISSING_CATEGORY = ""  # how a missing categorical value is spelled at a String input
 SPEC_VERSION = 1  # every model type used here exists since Core ML 1 (iOS 11)
@@ -531,14 +531,8 @@ class CoreMLExporter(Exporter):
         self.license = str(settings.get("coreml_license") or "")
 
     def check(self, subject: ExportSubject) -> Capability:
-        natives = native_categoricals(final_estimator(subject.pipeline))
-        if natives:
-            return Capability.no(
-                f"{type(final_estimator(subject.pipeline)).__name__} with native categorical "
-                f"features (feature indices {natives}) is not carried by Core ML tree ensembles; "
-                "retrain with one-hot encoded categoricals (categorical_features=None), as "
-                "train_model does")
-        base = check_pipeline(subject, self.title, ESTIMATORS)
+        base = check_pipeline(subject, self.title, ESTIMATORS, native_categoricals_why=(
+            "is not carried by Core ML tree ensembles"))
         if not base.supported:
             return base
         try:

@@ -24,8 +24,7 @@ import pandas as pd
 
 from tasks.export.base import (Capability, Conversion, ExportError, Exporter, ExportSubject,
                                Prediction, Runner)
-from tasks.export.capability import (categorical_imputers, check_pipeline, final_estimator,
-                                     native_categoricals)
+from tasks.export.capability import categorical_imputers, check_pipeline, final_estimator
 
 ESTIMATORS = {
     "LogisticRegression", "LinearRegression", "Ridge", "Lasso", "ElasticNet",
@@ -46,15 +45,8 @@ class OnnxExporter(Exporter):
     suffix = ".onnx"
 
     def check(self, subject: ExportSubject) -> Capability:
-        estimator = final_estimator(subject.pipeline)
-        natives = native_categoricals(estimator)
-        if natives:
-            return Capability.no(
-                f"{type(estimator).__name__} with native categorical features (feature indices "
-                f"{natives}) converts to ONNX without error but predicts wrongly "
-                "(onnx/sklearn-onnx#1051); retrain with one-hot encoded categoricals "
-                "(categorical_features=None), as train_model does")
-        base = check_pipeline(subject, self.title, ESTIMATORS)
+        base = check_pipeline(subject, self.title, ESTIMATORS, native_categoricals_why=(
+            "converts to ONNX without error but predicts wrongly (onnx/sklearn-onnx#1051)"))
         if not base.supported:
             return base
         for imputer in categorical_imputers(subject.pipeline, subject.schema.categorical):

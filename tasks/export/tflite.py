@@ -42,7 +42,7 @@ import pandas as pd
 
 from tasks.export.base import (Capability, Conversion, ExportError, Exporter, ExportSubject,
                                Prediction, Runner)
-from tasks.export.capability import check_pipeline, final_estimator, native_categoricals
+from tasks.export.capability import check_pipeline, final_estimator
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # a device file larger than this is refused before converting
 QUANTIZATIONS = ("int8", "float16")  # tried in this order (smallest first)
@@ -82,14 +82,8 @@ class TFLiteExporter(Exporter):
 
     # ------------------------------------------------------------------ check
     def check(self, subject: ExportSubject) -> Capability:
-        estimator = final_estimator(subject.pipeline)
-        natives = native_categoricals(estimator)
-        if natives:
-            return Capability.no(
-                f"{type(estimator).__name__} with native categorical features (feature indices "
-                f"{natives}): the TFLite graph carries one-hot encoded categoricals; retrain with "
-                "categorical_features=None, as train_model does")
-        base = check_pipeline(subject, self.title, ESTIMATORS)
+        base = check_pipeline(subject, self.title, ESTIMATORS, native_categoricals_why=(
+            "is not carried: the TFLite graph takes one-hot encoded categoricals"))
         if not base.supported:
             return base
         try:
