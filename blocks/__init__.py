@@ -3,7 +3,8 @@ from blocks.ab_policy import ABPolicy, resolve_ab_policy
 from blocks.export_settings import ExportSettings, resolve_export_settings
 from blocks.mlflow_config import MLflowConfig, resolve_mlflow_config, state_dir
 from blocks.monitoring import MonitoringPolicy, resolve_monitoring_policy
+from blocks.retraining_policy import RetrainingPolicy, resolve_retraining_policy
 
-__all__ = ["ABPolicy", "ExportSettings", "MLflowConfig", "MonitoringPolicy", "resolve_ab_policy",
-           "resolve_export_settings", "resolve_mlflow_config", "resolve_monitoring_policy",
-           "state_dir"]
+__all__ = ["ABPolicy", "ExportSettings", "MLflowConfig", "MonitoringPolicy", "RetrainingPolicy",
+           "resolve_ab_policy", "resolve_export_settings", "resolve_mlflow_config",
+           "resolve_monitoring_policy", "resolve_retraining_policy", "state_dir"]

@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from blocks.monitoring import MonitoringPolicy
 from tasks.errors import MlopsError
 
-AlertKind = Literal["drift", "performance"]
+AlertKind = Literal["drift", "performance", "retraining"]
 
 
 class AlertDeliveryError(MlopsError, RuntimeError):
@@ -101,6 +101,18 @@ def performance_alert(model_name: str, version: int, reasons: list[str], policy:
         reasons=list(reasons),
         details=[f"labelled data: {data_ref or 'a DataFrame'}"
                  + (f" ({n_rows} rows)" if n_rows is not None else "")], link=link)
+
+
+def retraining_alert(model_name: str, version: int, promoted: bool, decision: str, why: str,
+                     policy: MonitoringPolicy, details: list[str] | None = None,
+                     link: str | None = None) -> Alert | None:
+    """A retraining's outcome: a promotion, or a challenger the gate (or a person) refused."""
+    if not policy.alerting:
+        return None
+    outcome = "promoted to champion" if promoted else f"not promoted ({decision.replace('_', ' ')})"
+    return Alert(kind="retraining", model_name=model_name, version=version,
+                 subject=f"[mlops] retraining: {model_name} v{version} {outcome}",
+                 reasons=[why], details=list(details or []), link=link)
 
 
 # --------------------------------------------------------------------------- secrets

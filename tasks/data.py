@@ -121,6 +121,36 @@ def load_table(data: str | Path | pd.DataFrame) -> LoadedData:
     return LoadedData(frame=frame, ref=ref, sha256=frame_sha256(frame))
 
 
+def load_labelled_table(data: str | Path | pd.DataFrame) -> LoadedData:
+    """A labelled table that grows: a file or object, or every csv/parquet file of a folder or
+    object of an ``s3://bucket/prefix/`` (name order) concatenated. Files with other columns than
+    the first are refused, naming the difference."""
+    if isinstance(data, (str, Path)) and str(data).startswith("s3://") and str(data).endswith("/"):
+        bucket, _, prefix = str(data)[len("s3://"):].partition("/")
+        block = s3_bucket_for(bucket, str(data), purpose="list")
+        keys = sorted(o["Key"] for o in block.list_objects(folder=prefix)
+                      if Path(o["Key"]).suffix.lower() in READABLE)
+        parts = [(f"s3://{bucket}/{k}", _parse(block.read_path(k), Path(k).suffix, k)) for k in keys]
+    elif isinstance(data, (str, Path)) and Path(data).expanduser().is_dir():
+        folder = Path(data).expanduser()
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in READABLE)
+        parts = [(str(p), _parse(p, p.suffix, str(p))) for p in files]
+    else:
+        return load_table(data)
+    if not parts:
+        raise DataError(f"no csv or parquet file under {str(data)!r}; put the labelled batches "
+                        "there or name one file")
+    columns = list(parts[0][1].columns)
+    for ref, part in parts[1:]:
+        if list(part.columns) != columns:
+            missing = [c for c in columns if c not in part.columns]
+            extra = [c for c in part.columns if c not in columns]
+            raise DataError(f"{ref!r} does not have the columns of {parts[0][0]!r}: missing "
+                            f"{missing or 'none'}, extra {extra or 'none'}")
+    frame = pd.concat([p for _, p in parts], ignore_index=True)
+    return LoadedData(frame=frame, ref=str(data), sha256=frame_sha256(frame))
+
+
 def infer_task(y: pd.Series) -> Task:
     """binary / multiclass for labels (strings, booleans, few integers), regression for numbers."""
     n_unique = y.nunique(dropna=True)

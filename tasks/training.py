@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -22,13 +23,14 @@ from tasks.errors import DataError
 from tasks.training_search import (Candidate, CandidateScore, Schema, cross_validate,
                                    build_pipeline, evaluate_metrics, infer_schema,
                                    permutation_importance_by_column, prepare_features,
-                                   resolve_metric)
+                                   resolve_metric, row_fingerprints)
 
 N_FOLDS = 5
 HOLDOUT_SHARE = 0.2
 HOLDOUT_MAX_ROWS = 5000  # rows of the holdout stored with the version (labels included)
 FIRST_ROUND_ROWS = 3000  # successive halving: everyone on this many rows, the best half on all
 IMPORTANCE_ROWS = 600  # holdout rows used for permutation importances
+SEEN_ROWS_NAME = "seen_rows.npy"  # fingerprints of the labelled rows a version was given
 # skops refuses unknown types at load; these are the ones our three families are made of.
 REVIEWED_TYPE_PREFIXES = ("sklearn.", "numpy.", "builtins.", "collections.")
 
@@ -63,6 +65,8 @@ class TrainingData:
     metric: str
     ref: str | None
     sha256: str
+    n_rows: int = 0  # rows of the data received (training split + holdout)
+    seen_rows: np.ndarray | None = None  # row_fingerprints of every row received
 
 
 @task(name="load-data", cache_policy=NO_CACHE)
@@ -88,7 +92,8 @@ def prepare_training_data(loaded: LoadedData, target: str, task_kind: str, metri
     except ValueError as exc:
         raise DataError(f"cannot split off a holdout: {exc}; collect more rows per class") from exc
     validate_training_frame(pd.concat([X_tr, y_tr], axis=1), target, resolved, N_FOLDS)
-    return TrainingData(X_tr, y_tr, X_ho, y_ho, schema, metric_name, loaded.ref, loaded.sha256)
+    return TrainingData(X_tr, y_tr, X_ho, y_ho, schema, metric_name, loaded.ref, loaded.sha256,
+                        n_rows=len(frame), seen_rows=row_fingerprints(frame, schema))
 
 
 @task(name="cross-validate-candidate", cache_policy=NO_CACHE,
@@ -172,6 +177,7 @@ def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str,
             "mlops.model_name": model_name, "mlops.target": data.schema.target,
             "mlops.task": data.schema.task, "mlops.metric": data.metric,
             "mlops.data_ref": data.ref or "(DataFrame)", "mlops.data_sha256": data.sha256,
+            "mlops.data_rows": str(data.n_rows),
             "mlops.git_commit": _git_commit(), "mlops.family": best.candidate.family,
             **{f"lib.{k}": v for k, v in library_versions().items()},
         })
@@ -185,6 +191,8 @@ def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str,
             sample = data.X_holdout.iloc[:HOLDOUT_MAX_ROWS].copy()
             sample[data.schema.target] = data.y_holdout.iloc[:HOLDOUT_MAX_ROWS].to_numpy()
             sample.to_parquet(tmpdir / "holdout.parquet", index=False)
+            if data.seen_rows is not None:
+                np.save(tmpdir / SEEN_ROWS_NAME, data.seen_rows)
             mlflow.log_artifacts(str(tmpdir), artifact_path="mlops")
         signature = infer_signature(data.X.iloc[:50], model.predict(data.X.iloc[:50]))
         # explicit requirements: MLflow's inference of them costs ~13 s a model here

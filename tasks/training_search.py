@@ -86,6 +86,15 @@ def prepare_features(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     return X
 
 
+def row_fingerprints(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+    """One 64-bit hash per labelled row (features as the model reads them, then the label), sorted
+    and unique: stored with a version, it tells later which rows the version has seen, whatever
+    their order or file (retraining counts new rows and keeps the gate slice unseen with it)."""
+    X = prepare_features(frame, schema)
+    X["__label__"] = frame[schema.target].astype(str).to_numpy()
+    return np.unique(pd.util.hash_pandas_object(X, index=False).to_numpy(dtype=np.uint64))
+
+
 # --------------------------------------------------------------------------- pipelines
 def build_pipeline(schema: Schema, family: str, params: dict, random_state: int) -> Pipeline:
     numeric_steps: list = [("impute", SimpleImputer(strategy="median"))]

@@ -1,0 +1,333 @@
+"""Automated retraining (DESIGN.md §5): should_retrain, retrain_model, retraining_check,
+retraining_history. The seed's `should_retrain("my_model")`, `retrain_model(name, X_new, y_new,
+reason=reason)` and `create_retraining_schedule()` (here: the `retraining-check/default`
+deployment in prefect.yaml, cron 02:00 and a trigger on `mlops.model.drift-detected`).
+
+retrain_model: hold the model's slot → load the labelled data → check it against the champion →
+split a gate slice off the rows the champion never saw → train a challenger on the rest (the
+training flow's search) → score both on the gate rows → decide → (approval) → promote inside a
+transaction that restores the champion if anything after the alias move fails → record → alert.
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.transactions import transaction
+from pydantic import Field
+
+from blocks.monitoring import resolve_monitoring_policy
+from blocks.retraining_policy import RetrainingPolicy, resolve_retraining_policy
+from flows.training import train_model
+from tasks.alerts import dispatch, retraining_alert
+from tasks.data import DataRef
+from tasks.events import emit_model_event
+from tasks.registry import model_slug, validate_model_name
+from tasks.retraining import (RetrainingInProgressError, active_ab_tests, find_unseen,
+                              history_table, hours_since_last, keep_as_challenger,
+                              latest_drift, load_champion, load_history, load_labelled, mark_seen,
+                              plan_gate, production_metric, promote_champion, read_schema,
+                              record_retraining, retraining_slot, score_gate, verify_champion)
+from tasks.retraining_rules import (RetrainDecision, RetrainResult, Signal, Trigger, age_signal,
+                                    cooldown_signal, decide, drift_signal, gate_verdict,
+                                    metric_floor, metric_signal, rows_signal, schema_differences,
+                                    sentence)
+
+__all__ = ["should_retrain", "retrain_model", "retraining_check", "retraining_history",
+           "RetrainDecision", "RetrainResult", "Signal", "PromotionApproval",
+           "RetrainingInProgressError", "lifecycle_step"]
+
+RETRAINED_EVENT = "mlops.model.retrained"
+APPROVAL_POLL_S = 2
+
+
+class PromotionApproval(RunInput):
+    """The form a person fills in the Prefect UI to let a challenger become champion."""
+
+    approve: bool = Field(description="Promote the challenger that passed the gate.")
+    reviewer: str = Field(default="", description="Who decided (recorded in the history).")
+    note: str = Field(default="", description="Why (recorded in the history).")
+
+
+def _policy(model_name: str, policy: str | None) -> RetrainingPolicy:
+    return resolve_retraining_policy(model_name, policy)
+
+
+@flow(name="should-retrain", log_prints=True)
+def should_retrain(model_name: str, data: DataRef | None = None, target: str | None = None,
+                   policy: str | None = None) -> RetrainDecision:
+    """Whether the champion should be retrained now, why, and every signal beside its threshold.
+
+    Triggers (any one): the newest check_drift of the champion above the MonitoringPolicy's
+    drift_threshold; the champion's primary metric on labelled rows it never saw worse than the
+    floor; the champion older than max_model_age_days. Requirements (each): at least
+    min_new_rows labelled rows the champion has not seen; cooldown_hours since the last
+    retraining. data/target: the labelled data (default: the RetrainingPolicy's).
+    Unpacks as `(should_retrain, reason, metrics)`.
+    """
+    validate_model_name(model_name)
+    settings = _policy(model_name, policy)
+    monitoring = resolve_monitoring_policy()
+    champion = load_champion(model_name)
+    if data is None and settings.training_data:
+        data, target = settings.training_data, target or settings.target
+    view = None
+    if data is not None:
+        view = find_unseen(load_labelled(data), target or champion.target, champion)
+
+    drift_score, drift_detail = latest_drift(champion)
+    value, value_detail = production_metric(champion, view)
+    floor = metric_floor(champion.metric, champion.holdout.get(champion.metric),
+                         settings.min_production_metric, monitoring.max_relative_degradation)
+    age_days = (datetime.now(timezone.utc) - champion.created_at).total_seconds() / 86400
+    signals = [
+        drift_signal(drift_score, monitoring.drift_threshold, drift_detail),
+        metric_signal(champion.metric, value, floor, value_detail),
+        age_signal(age_days, settings.max_model_age_days),
+        rows_signal(None if view is None else view.n_unseen, settings.min_new_rows,
+                    "no labelled data" if view is None else view.how),
+        cooldown_signal(hours_since_last(load_history(model_name, 20)), settings.cooldown_hours),
+    ]
+    go, reasons = decide(signals, has_labelled_data=view is not None)
+    decision = RetrainDecision(should_retrain=go, reasons=reasons, signals=signals,
+                               model_name=model_name, champion_version=champion.version,
+                               checked_at=datetime.now(timezone.utc))
+    _publish_decision(decision)
+    get_run_logger().info("%s v%s: %s -- %s", model_name, champion.version,
+                          "RETRAIN" if go else "no retraining", decision.reason)
+    return decision
+
+
+@flow(name="retrain-model", log_prints=True)
+def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "manual",
+                  trigger: Trigger = "manual", policy: str | None = None,
+                  time_budget_s: float | None = None) -> RetrainResult:
+    """Train a challenger on labelled data and promote it only if it beats the champion on the
+    same held-out rows by the policy's promotion_margin (and passes the sanity checks).
+
+    Not promoted: the new version keeps `challenger`, the champion is untouched, `why` says
+    why. With an active A/B test of the model the challenger is registered but `champion` does
+    not move. One retraining per model at a time (a second is refused).
+    """
+    started, started_at = time.monotonic(), datetime.now(timezone.utc)
+    logger = get_run_logger()
+    validate_model_name(model_name)
+    settings = _policy(model_name, policy)
+    monitoring = resolve_monitoring_policy()
+    monitoring.check_channels()
+    champion = load_champion(model_name)
+    result = RetrainResult(model_name=model_name, trigger=trigger, reason=reason,
+                           champion_version=champion.version, decision="failed",
+                           metric=champion.metric, margin=settings.promotion_margin,
+                           started_at=started_at)
+    gate_path = None
+    with retraining_slot(model_name):
+        try:
+            view = find_unseen(load_labelled(data), target, champion)
+            plan = plan_gate(view, champion, settings)
+            gate_path = str(plan.gate_path)
+            result.gate_rows, result.gate_sha256 = plan.n_gate, plan.gate_sha256
+            logger.info("gate slice: %d of %d unseen rows (%s); challenger trains on %d rows",
+                        plan.n_gate, plan.n_unseen, plan.how, plan.n_train)
+
+            trained = train_model(str(plan.train_path), target, model_name,
+                                  metric=champion.metric,
+                                  time_budget_s=time_budget_s or settings.time_budget_s,
+                                  promote="never")
+            result.challenger_version = trained.version
+            mark_seen(trained.run_id, plan.seen_all, len(view.frame))
+            champion_scores, challenger_scores, _ = score_gate(
+                model_name, champion.version, trained.version, gate_path)
+            result.champion_metrics, result.challenger_metrics = champion_scores, challenger_scores
+            result.champion_score = champion_scores.get(champion.metric)
+            result.challenger_score = challenger_scores.get(champion.metric)
+
+            floor = settings.min_production_metric
+            verdict = gate_verdict(champion.metric, champion_scores, challenger_scores,
+                                   settings.promotion_margin, floor,
+                                   schema_differences(champion.schema, read_schema(trained.run_id)))
+            result.why = verdict.why
+            keep_as_challenger(model_name, trained.version, f"retraining ({trigger}): {reason}")
+            if verdict.promote:
+                _decide_promotion(result, settings, gate_path)
+            else:
+                result.decision = "not_promoted"
+            if result.promoted:
+                with transaction():
+                    promote_champion(model_name, trained.version,
+                                     f"retraining ({trigger}): {verdict.why}")
+                    verify_champion(model_name, trained.version, gate_path, champion.metric,
+                                    result.challenger_score)
+                    _finish(result, started, gate_path, champion.experiment_id)
+            else:
+                _finish(result, started, gate_path, champion.experiment_id)
+        except BaseException as exc:
+            if result.run_id is None:  # not recorded yet: the history keeps the failure too
+                result.decision, result.promoted = "failed", False
+                result.why = f"{type(exc).__name__}: {exc}"[:2000]
+                try:
+                    _finish(result, started, gate_path, champion.experiment_id)
+                except Exception as record_error:  # the original error matters more
+                    logger.error("could not record the failed retraining: %s", record_error)
+            raise
+
+    emit_model_event(model_name, RETRAINED_EVENT, {
+        "trigger": trigger, "reason": reason, "decision": result.decision,
+        "promoted": result.promoted, "champion_version": result.champion_version,
+        "challenger_version": result.challenger_version, "metric": result.metric,
+        "champion_score": result.champion_score, "challenger_score": result.challenger_score})
+    alert = retraining_alert(model_name, result.challenger_version, result.promoted,
+                             result.decision, result.why, monitoring,
+                             [f"trigger: {trigger}; reason: {reason}",
+                              f"gate: {result.gate_rows} rows the champion never saw"])
+    dispatch(alert, monitoring)
+    _publish_result(result)
+    logger.info("%s: v%s vs champion v%s on %s gate rows -> %s (%s)", model_name,
+                result.challenger_version, result.champion_version, result.gate_rows,
+                result.decision, result.why)
+    return result
+
+
+def _decide_promotion(result: RetrainResult, settings: RetrainingPolicy, gate_path: str) -> None:
+    """Gate passed: an active A/B test holds the champion; else ask a person when required."""
+    tests = active_ab_tests(result.model_name)
+    if tests:
+        result.decision = "held_ab_test"
+        result.why += (f"; promotion held: A/B test {', '.join(tests)} is active for "
+                       f"{result.model_name} (conclude it first)")
+        return
+    if settings.require_approval:
+        timeout = int(settings.approval_timeout_hours * 3600)
+        get_run_logger().warning(
+            "waiting up to %.1f h for a person to approve v%s (Prefect UI: Resume this run)",
+            settings.approval_timeout_hours, result.challenger_version)
+        create_markdown_artifact(
+            key=f"retraining-approval-{model_slug(result.model_name)}",
+            markdown=f"## Approve {result.model_name} v{result.challenger_version}?\n\n"
+                     f"{result.why}.\n\nResume this flow run with `approve: true` to promote it.",
+            description=f"approval needed: {result.model_name} v{result.challenger_version}")
+        try:
+            answer = pause_flow_run(wait_for_input=PromotionApproval, timeout=timeout,
+                                    poll_interval=APPROVAL_POLL_S)
+        except FlowPauseTimeout:
+            result.decision = "rejected_by_approver"
+            result.why += f"; not approved within {settings.approval_timeout_hours} h"
+            return
+        result.approved_by = answer.reviewer or "(unnamed)"
+        if not answer.approve:
+            result.decision = "rejected_by_approver"
+            result.why += f"; rejected by {result.approved_by}" + \
+                (f": {answer.note}" if answer.note else "")
+            return
+        result.why += f"; approved by {result.approved_by}" + (f": {answer.note}" if answer.note else "")
+    result.decision, result.promoted = "promoted", True
+
+
+def _finish(result: RetrainResult, started: float, gate_path: str | None,
+            experiment_id: str | None) -> None:
+    from tasks.registry import alias_map, mlflow_client
+
+    result.champion_after = alias_map(mlflow_client(), result.model_name).get("champion")
+    result.duration_s = round(time.monotonic() - started, 2)
+    result.run_id = record_retraining(result, gate_path, experiment_id)
+
+
+@flow(name="retraining-check", log_prints=True)
+def retraining_check(model_name: str, trigger: Trigger = "schedule",
+                     policy: str | None = None) -> RetrainResult | RetrainDecision:
+    """Scheduled (02:00) and drift-event-triggered: should_retrain on the RetrainingPolicy's
+    labelled data, then retrain_model when it says so. Returns the retraining, or the decision
+    when there was none."""
+    validate_model_name(model_name)
+    settings = _policy(model_name, policy)
+    data, target = settings.labelled_data(model_name)
+    decision = should_retrain(model_name, data, target, policy=policy)
+    if not decision.should_retrain:
+        return decision
+    return retrain_model(model_name, data, target, reason=decision.reason, trigger=trigger,
+                         policy=policy)
+
+
+@flow(name="retraining-history", log_prints=True)
+def retraining_history(model_name: str, limit: int = 100) -> list[RetrainResult]:
+    """Every retraining of the model (newest first): time, trigger, reason, both versions' scores
+    on the gate rows, decision and versions; also published as artifact retraining-history-<model>."""
+    validate_model_name(model_name)
+    history = load_history(model_name, limit)
+    if history:
+        create_table_artifact(key=f"retraining-history-{model_slug(model_name)}",
+                              table=history_table(history),
+                              description=f"{model_name}: {len(history)} retraining(s), newest first")
+    return history
+
+
+# --------------------------------------------------------------------------- UI
+def _publish_decision(decision: RetrainDecision) -> None:
+    rows = "\n".join(
+        f"| {s.name} | {s.role} | {'n/a' if s.value is None else f'{s.value:.4g}'} | "
+        f"{'n/a' if s.threshold is None else f'{s.threshold:.4g}'} | "
+        f"{'-' if not s.evaluated else ('yes' if s.fired else 'no')} | {sentence(s)} |"
+        for s in decision.signals)
+    create_markdown_artifact(
+        key=f"retraining-check-{model_slug(decision.model_name)}",
+        markdown=f"## {decision.model_name} v{decision.champion_version}: "
+                 f"{'retrain' if decision.should_retrain else 'no retraining'}\n\n"
+                 + "\n".join(f"- {r}" for r in decision.reasons)
+                 + "\n\n| signal | role | value | threshold | fired / holds | reading |\n"
+                   "|---|---|---|---|---|---|\n" + rows + "\n",
+        description=f"should_retrain: {decision.should_retrain}")
+
+
+def _publish_result(result: RetrainResult) -> None:
+    def f(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    create_markdown_artifact(
+        key=f"retraining-{model_slug(result.model_name)}",
+        markdown=f"## {result.model_name}: {result.decision.replace('_', ' ')}\n\n"
+                 f"- trigger: {result.trigger}; reason: {result.reason}\n"
+                 f"- gate: {result.gate_rows} rows neither version trained on "
+                 f"(sha256 {result.gate_sha256 or 'n/a'})\n"
+                 f"- {result.metric}: champion v{result.champion_version} "
+                 f"{f(result.champion_score)} vs challenger v{result.challenger_version} "
+                 f"{f(result.challenger_score)} (margin {result.margin})\n"
+                 f"- verdict: {result.why}\n- champion now: v{result.champion_after}\n"
+                 f"- MLflow run: {result.run_id}\n",
+        description=f"{result.model_name}: {result.decision}")
+
+
+# --------------------------------------------------------------------------- lifecycle step
+def lifecycle_step(story) -> None:
+    """The main job's retraining chapter: the champion meets the drifted batch, should_retrain
+    weighs the signals, retrain_model trains a challenger and the gate decides on rows neither
+    version has seen."""
+    import pandas as pd
+
+    from flows.drift import check_drift
+    from tasks.demo_data import TARGET
+
+    name = story.model_name
+    labelled = story.data["early"].with_name("churn_labelled.csv")
+    # the labelled table grows: every customer labelled so far, then the drifted batch's outcomes
+    pd.concat([pd.read_csv(story.data["grown"]), pd.read_csv(story.data["drifted"])],
+              ignore_index=True).to_csv(labelled, index=False)
+    check = check_drift(name, str(story.data["drifted"]))
+    decision = should_retrain(name, str(labelled), TARGET)
+    story.say(f"retrain?  champion v{decision.champion_version}: "
+              f"{'yes' if decision.should_retrain else 'no'} -- {decision.reason}")
+    if not decision.should_retrain:
+        return
+    result = retrain_model(name, str(labelled), TARGET, reason=decision.reason,
+                           time_budget_s=story.budget_s)
+    story.say(f"retrain   v{result.challenger_version} trained; gate on {result.gate_rows} "
+              f"customers neither version saw: {result.metric} champion v{result.champion_version} "
+              f"{result.champion_score:.4f} vs v{result.challenger_version} "
+              f"{result.challenger_score:.4f}")
+    story.say(f"retrain   decision {result.decision}: {result.why}; champion is "
+              f"v{result.champion_after} (drift score was {check.score:.2f})")
