@@ -126,16 +126,15 @@ def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "ma
                            champion_version=champion.version, decision="failed",
                            metric=champion.metric, margin=settings.promotion_margin,
                            started_at=started_at)
-    gate_path = None
     with retraining_slot(model_name):
+        # bad input is refused here, before anything is trained, registered or recorded
+        view = find_unseen(load_labelled(data), target, champion)
+        plan = plan_gate(view, champion, settings)
+        gate_path = str(plan.gate_path)
+        result.gate_rows, result.gate_sha256 = plan.n_gate, plan.gate_sha256
+        logger.info("gate slice: %d of %d unseen rows (%s); challenger trains on %d rows",
+                    plan.n_gate, plan.n_unseen, plan.how, plan.n_train)
         try:
-            view = find_unseen(load_labelled(data), target, champion)
-            plan = plan_gate(view, champion, settings)
-            gate_path = str(plan.gate_path)
-            result.gate_rows, result.gate_sha256 = plan.n_gate, plan.gate_sha256
-            logger.info("gate slice: %d of %d unseen rows (%s); challenger trains on %d rows",
-                        plan.n_gate, plan.n_unseen, plan.how, plan.n_train)
-
             trained = train_model(str(plan.train_path), target, model_name,
                                   metric=champion.metric,
                                   time_budget_s=time_budget_s or settings.time_budget_s,

@@ -1,0 +1,310 @@
+"""Retraining flows against a real Prefect API and the embedded MLflow store.
+
+One weak champion is trained once for the module (on churn rows with 40 % of the labels flipped);
+each test registers its own copy of it under its own model name, so tests do not share aliases,
+policies or history. Failures are injected by replacing one of our own steps, never Prefect or
+MLflow.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from prefect import task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter,
+                                            FlowRunFilterState, FlowRunFilterStateType)
+from prefect.client.schemas.objects import StateType
+from prefect.flow_runs import resume_flow_run
+
+import flows.retraining as retraining_flows
+import flows.training as training_flows
+from blocks.retraining_policy import RetrainingPolicy, document_name
+from flows.ab_testing import conclude_ab_test, create_ab_test
+from flows.drift import check_drift, drifted_batch
+from flows.registry import compare_versions, promote_model, register_model
+from flows.retraining import (RetrainDecision, RetrainingInProgressError, RetrainResult,
+                              retrain_model, retraining_check, retraining_history, should_retrain)
+from flows.training import train_model
+from tasks.demo_data import churn_frame
+from tasks.errors import ConfigurationError, DataError, ModelNotFoundError
+from tasks.registry import alias_map, mlflow_client, read_alias_history
+from tasks.retraining import retraining_slot
+
+BUDGET = 4
+
+
+@dataclass
+class Base:
+    model_uri: str
+    run_id: str
+    old: pd.DataFrame      # the rows the champion was given (noisy labels)
+    new: pd.DataFrame      # labelled rows it never saw (true labels)
+    folder: Path
+
+    def labelled(self, name: str, frame: pd.DataFrame | None = None) -> str:
+        path = self.folder / f"{name}.csv"
+        (pd.concat([self.old, self.new], ignore_index=True) if frame is None else frame
+         ).to_csv(path, index=False)
+        return str(path)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("retraining")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MLOPS_HOME", str(folder / "state"))
+    try:
+        frame = churn_frame().sample(1800, random_state=3).reset_index(drop=True)
+        old = frame.iloc[:300].copy()
+        flip = np.random.default_rng(0).random(len(old)) < 0.4
+        old.loc[flip, "churn"] = np.where(old.loc[flip, "churn"] == "Yes", "No", "Yes")
+        old_path = folder / "old.csv"
+        old.to_csv(old_path, index=False)
+        trained = train_model(str(old_path), "churn", "rt_base", time_budget_s=BUDGET,
+                              candidates=["linear"])
+        yield Base(trained.model_uri, trained.run_id, old, frame.iloc[300:].reset_index(drop=True),
+                   folder)
+    finally:
+        patch.undo()
+
+
+@pytest.fixture
+def model(base, request):
+    """A fresh registered model whose champion (v1) is the module's weak base model."""
+    import re
+
+    name = "rt_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.removeprefix("test_").lower())[-44:]
+    register_model(name, model_uri=base.model_uri, run_id=base.run_id)
+    promote_model(name, 1, "champion", reason="test setup")
+    return name
+
+
+def save_policy(name: str, **settings) -> None:
+    defaults = dict(min_new_rows=100, cooldown_hours=0, time_budget_s=BUDGET)
+    RetrainingPolicy(**{**defaults, **settings}).save(document_name(name), overwrite=True)
+
+
+def row_keys(frame: pd.DataFrame) -> pd.Series:
+    """One comparable string per row (numbers as floats, missing as empty)."""
+    cols = sorted(frame.columns)
+    norm = pd.DataFrame({c: (frame[c].astype(float) if pd.api.types.is_numeric_dtype(frame[c])
+                             else frame[c]).astype("string").fillna("") for c in cols})
+    return norm.agg("|".join, axis=1)
+
+
+def versions(name: str) -> list[int]:
+    client = mlflow_client()
+    return sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+
+
+# --------------------------------------------------------------------------- the gate
+def test_a_better_challenger_is_promoted_after_scoring_both_on_the_same_unseen_rows(base, model):
+    save_policy(model)
+    result = retrain_model(model, base.labelled(model), "churn", reason="test: fresh labels")
+
+    assert isinstance(result, RetrainResult)
+    assert (result.champion_version, result.challenger_version) == (1, 2)
+    assert result.decision == "promoted" and result.promoted
+    assert result.challenger_score > result.champion_score
+    assert alias_map(mlflow_client(), model) == {"champion": 2}
+    assert result.champion_after == 2
+
+    # The gate rows are stored with the record: both versions score on them exactly as recorded,
+    # and none of them is a row the champion was given.
+    import mlflow
+
+    gate_file = mlflow.artifacts.download_artifacts(run_id=result.run_id,
+                                                    artifact_path="retraining/gate.parquet")
+    gate = pd.read_parquet(gate_file)
+    assert len(gate) == result.gate_rows > 0
+    again = compare_versions(model, 1, 2, data=gate_file).scores_on_data
+    assert again["1"]["roc_auc"] == pytest.approx(result.champion_score, abs=1e-12)
+    assert again["2"]["roc_auc"] == pytest.approx(result.challenger_score, abs=1e-12)
+    assert not row_keys(gate).isin(row_keys(base.old)).any()
+
+    history = retraining_history(model)
+    assert [(h.trigger, h.decision, h.challenger_version) for h in history] == [
+        ("manual", "promoted", 2)]
+    assert history[0].reason == "test: fresh labels"
+    moves = read_alias_history(mlflow_client(), model)
+    assert moves[-1]["kind"] == "retrain" and moves[-1]["to"] in (2, None)
+
+
+def test_a_challenger_short_of_the_margin_stays_challenger_and_an_ab_test_holds_promotion(base, model):
+    save_policy(model, promotion_margin=0.5)  # no roc_auc gain of 0.5 exists
+    first = retrain_model(model, base.labelled(model), "churn")
+    assert first.decision == "not_promoted" and not first.promoted
+    assert "less than promotion_margin 0.5000" in first.why
+    assert alias_map(mlflow_client(), model) == {"champion": 1, "challenger": 2}
+
+    # While an A/B test of the model is active, a challenger that passes the gate is registered
+    # and becomes challenger, but `champion` does not move.
+    test_id = create_ab_test(model, traffic_split=0.2)
+    try:
+        save_policy(model, promotion_margin=0.0)
+        held = retrain_model(model, base.labelled(model), "churn")
+        assert held.decision == "held_ab_test" and not held.promoted
+        assert test_id in held.why
+        assert alias_map(mlflow_client(), model) == {"champion": 1, "challenger": 3}
+    finally:
+        conclude_ab_test(test_id, promote_winner=False, force=True)
+    assert [h.decision for h in retraining_history(model)] == ["held_ab_test", "not_promoted"]
+
+
+# --------------------------------------------------------------------------- failures
+@task
+def failing_verification(*args, **kwargs):
+    raise RuntimeError("injected: the model store went away after the alias moved")
+
+
+def test_a_failure_after_the_alias_moved_restores_the_previous_champion(base, model, monkeypatch):
+    save_policy(model)
+    monkeypatch.setattr(retraining_flows, "verify_champion", failing_verification)
+    with pytest.raises(RuntimeError, match="injected"):
+        retrain_model(model, base.labelled(model), "churn")
+
+    # read back from MLflow: the old champion is in place, the new version is only challenger
+    assert alias_map(mlflow_client(), model) == {"champion": 1, "challenger": 2}
+    moves = read_alias_history(mlflow_client(), model)
+    assert [(m["alias"], m["to"], m["kind"]) for m in moves[-3:]] == [
+        ("challenger", None, "retrain"), ("champion", 1, "rollback"), ("challenger", 2, "rollback")]
+    [record] = retraining_history(model)
+    assert record.decision == "failed" and not record.promoted
+    assert "injected" in record.why and record.champion_after == 1
+
+
+@task
+def crashing_refit(*args, **kwargs):
+    raise MemoryError("injected: the training step crashed")
+
+
+def test_a_crash_of_the_training_step_leaves_no_alias_and_no_version(base, model, monkeypatch):
+    save_policy(model)
+    monkeypatch.setattr(training_flows, "refit_and_log", crashing_refit)
+    with pytest.raises(MemoryError):
+        retrain_model(model, base.labelled(model), "churn")
+    assert alias_map(mlflow_client(), model) == {"champion": 1}
+    assert versions(model) == [1]
+    [record] = retraining_history(model)
+    assert record.decision == "failed" and record.challenger_version is None
+
+
+def test_two_retrainings_of_one_model_never_run_together(base, model):
+    save_policy(model)
+    data = base.labelled(model)
+    start = threading.Barrier(2)
+    outcomes: list[object] = []
+
+    def run():
+        start.wait()
+        try:
+            outcomes.append(retrain_model(model, data, "churn"))
+        except Exception as exc:  # collected and asserted below
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    refused = [o for o in outcomes if isinstance(o, RetrainingInProgressError)]
+    done = [o for o in outcomes if isinstance(o, RetrainResult)]
+    assert len(refused) == 1 and len(done) == 1, outcomes
+    assert "another retraining of" in str(refused[0]) and "nothing was changed" in str(refused[0])
+    assert versions(model) == [1, 2]  # one challenger, not two
+    with retraining_slot(model) as slot:  # the slot is free again afterwards
+        assert slot.startswith("mlops-retraining-rt-")
+
+
+# --------------------------------------------------------------------------- approval
+def _paused_run(model_name: str, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain-model"])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            for run in runs:
+                if run.parameters.get("model_name") == model_name:
+                    return run
+            time.sleep(0.5)
+    raise AssertionError(f"no paused retrain-model run of {model_name} within {timeout}s")
+
+
+@pytest.mark.parametrize("approve", [True, False])
+def test_with_approval_required_a_person_decides_in_the_ui(base, model, approve):
+    save_policy(model, require_approval=True)
+    outcome: list[object] = []
+    worker = threading.Thread(target=lambda: outcome.append(
+        retrain_model(model, base.labelled(model), "churn")), daemon=True)
+    worker.start()
+    paused = _paused_run(model)
+    try:
+        assert alias_map(mlflow_client(), model) == {"champion": 1, "challenger": 2}  # not yet
+    finally:  # never leave a paused run behind
+        resume_flow_run(paused.id, run_input={"approve": approve, "reviewer": "ana",
+                                              "note": "looked at the gate table"})
+        worker.join(timeout=120)
+    [result] = outcome
+    if approve:
+        assert result.decision == "promoted" and result.approved_by == "ana"
+        assert alias_map(mlflow_client(), model) == {"champion": 2}
+    else:
+        assert result.decision == "rejected_by_approver" and not result.promoted
+        assert "rejected by ana: looked at the gate table" in result.why
+        assert alias_map(mlflow_client(), model) == {"champion": 1, "challenger": 2}
+
+
+# --------------------------------------------------------------------------- the check
+def test_drift_makes_the_check_retrain_with_the_policy_data_and_the_cooldown_holds_the_next(base, model):
+    labelled = base.labelled(model)
+    save_policy(model, training_data=labelled, target="churn", cooldown_hours=6)
+    quiet = should_retrain(model)
+    assert isinstance(quiet, RetrainDecision) and not quiet.should_retrain
+    signals = {s.name: s for s in quiet.signals}
+    assert not signals["drift_score"].evaluated  # no check_drift of v1 yet
+    assert signals["new_labelled_rows"].value == pytest.approx(len(base.new), abs=5)
+    assert signals["new_labelled_rows"].fired  # enough rows, but no trigger
+
+    report = check_drift(model, drifted_batch(base.new.drop(columns=["churn"])))
+    assert report.drifted
+    go, reason, metrics = should_retrain(model)
+    assert go is True and reason.startswith(f"drift score {report.score:.4g} > drift_threshold")
+    assert metrics["drift_score"] == pytest.approx(report.score)
+
+    result = retraining_check(model, trigger="event")
+    assert isinstance(result, RetrainResult)
+    assert result.trigger == "event" and result.reason == reason
+    again = retraining_check(model, trigger="event")
+    assert isinstance(again, RetrainDecision) and not again.should_retrain
+    assert any(r.startswith("blocked: last retraining") and "< cooldown_hours 6" in r
+               for r in again.reasons)
+    assert len(retraining_history(model)) == 1
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_input_is_refused_before_anything_is_written(base, model):
+    save_policy(model)
+    before = (versions(model), alias_map(mlflow_client(), model))
+    changed = pd.concat([base.old, base.new], ignore_index=True).drop(columns=["tenure"])
+    changed["region"] = "north"
+    with pytest.raises(DataError, match=r"missing columns \['tenure'\], new columns \['region'\]"):
+        retrain_model(model, base.labelled(model + "_schema", changed), "churn")
+    with pytest.raises(DataError, match="too few labelled rows .* 30 rows v1 has not seen"):
+        retrain_model(model, base.labelled(model + "_few", pd.concat([base.old, base.new[:30]])),
+                      "churn")
+    with pytest.raises(DataError, match="target 'tenure' is not the one model"):
+        retrain_model(model, base.labelled(model), "tenure")
+    with pytest.raises(ModelNotFoundError, match="no registered model named 'rt_nobody'"):
+        retrain_model("rt_nobody", base.labelled(model), "churn")
+    with pytest.raises(ConfigurationError, match="no labelled data configured for model"):
+        retraining_check(model, trigger="event")
+    assert (versions(model), alias_map(mlflow_client(), model)) == before
+    assert retraining_history(model) == []
