@@ -18,6 +18,7 @@ from flows.ab_testing import lifecycle_step as step_ab_test  # noqa: E402
 from flows.drift import lifecycle_step as step_drift  # noqa: E402
 from flows.export import lifecycle_step as step_export  # noqa: E402
 from flows.registry import compare_versions, list_versions, promote_model, rollback_model  # noqa: E402
+from flows.retraining import lifecycle_step as step_retrain  # noqa: E402
 from flows.training import train_model  # noqa: E402
 from tasks.demo_data import MODEL_NAME, TARGET, write_churn_batches  # noqa: E402
 
@@ -74,7 +75,7 @@ def step_promote_and_rollback(story: Story) -> None:
 
 
 STEPS = [step_data, step_train, step_compare, step_promote_and_rollback, step_drift,
-         step_export, step_ab_test]
+         step_export, step_ab_test, step_retrain]
 
 
 @flow(name="mlops-lifecycle", log_prints=True)
@@ -86,7 +87,7 @@ def lifecycle(model_name: str = MODEL_NAME, time_budget_s: float = 20) -> list[s
     uri = resolve_mlflow_config().tracking_uri
     mlflow_ui = uri if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}"
     story.say(f"look      MLflow UI: {mlflow_ui}")
-    story.say("          Prefect UI: flow runs and their artifacts (train-, registry-, compare-, drift-, export-, ab-) "
+    story.say("          Prefect UI: flow runs and their artifacts (train-, registry-, compare-, drift-, export-, ab-, retraining-) "
               "(`make up` serves it on http://127.0.0.1:4200)")
     return story.lines
 

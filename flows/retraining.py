@@ -320,8 +320,10 @@ def lifecycle_step(story) -> None:
     decision = should_retrain(name, str(labelled), TARGET)
     story.say(f"retrain?  champion v{decision.champion_version}: "
               f"{'yes' if decision.should_retrain else 'no'} -- {decision.reason}")
-    if not decision.should_retrain:
+    if not any(s.fired for s in decision.signals if s.role == "trigger"):
         return
+    if not decision.should_retrain:  # a rerun of the demo within the cooldown: retrain by hand
+        story.say("retrain   retraining by hand (retrain_model is not held by the cooldown)")
     result = retrain_model(name, str(labelled), TARGET, reason=decision.reason,
                            time_budget_s=story.budget_s)
     story.say(f"retrain   v{result.challenger_version} trained; gate on {result.gate_rows} "

@@ -109,7 +109,8 @@ def retraining_alert(model_name: str, version: int, promoted: bool, decision: st
     """A retraining's outcome: a promotion, or a challenger the gate (or a person) refused."""
     if not policy.alerting:
         return None
-    outcome = "promoted to champion" if promoted else f"not promoted ({decision.replace('_', ' ')})"
+    outcome = ("promoted to champion" if promoted else "not promoted" if decision == "not_promoted"
+               else f"not promoted ({decision.replace('_', ' ')})")
     return Alert(kind="retraining", model_name=model_name, version=version,
                  subject=f"[mlops] retraining: {model_name} v{version} {outcome}",
                  reasons=[why], details=list(details or []), link=link)

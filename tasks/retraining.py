@@ -203,7 +203,9 @@ def plan_gate(view: LabelledView, champion: ChampionState, policy: RetrainingPol
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     folder = state_dir() / "retraining" / model_slug(champion.model_name) / stamp
     folder.mkdir(parents=True, exist_ok=True)
-    train, gate_rows = view.frame[~gate], view.frame[gate]
+    # a copy of a gate row (same fingerprint) must not reach the challenger's training rows
+    train_mask = ~gate & ~np.isin(view.fingerprints, view.fingerprints[gate])
+    train, gate_rows = view.frame[train_mask], view.frame[gate]
     train_path, gate_path = folder / "train.parquet", folder / "gate.parquet"
     train.to_parquet(train_path, index=False)
     gate_rows.to_parquet(gate_path, index=False)
