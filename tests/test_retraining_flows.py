@@ -308,3 +308,30 @@ def test_bad_input_is_refused_before_anything_is_written(base, model):
         retraining_check(model, trigger="event")
     assert (versions(model), alias_map(mlflow_client(), model)) == before
     assert retraining_history(model) == []
+
+
+# --------------------------------------------------------------------------- the main job
+def test_lifecycle_step_shows_the_decision_and_the_gate(base, model):
+    from flows.retraining import lifecycle_step
+
+    lines: list[str] = []
+
+    @dataclass
+    class Story:
+        model_name: str
+        data: dict
+        budget_s: float = BUDGET
+
+        def say(self, line: str) -> None:
+            lines.append(line)
+
+    early = Path(base.labelled(model + "_early", base.old))
+    grown = Path(base.labelled(model + "_grown", pd.concat([base.old, base.new[:900]])))
+    drifted = Path(base.labelled(model + "_drifted", drifted_batch(base.new[900:].reset_index(
+        drop=True))))
+    lifecycle_step(Story(model, {"early": early, "grown": grown, "drifted": drifted}))
+    assert lines[0].startswith("retrain?  champion v1: yes -- drift score")
+    assert "gate on" in lines[1] and "customers neither version saw" in lines[1]
+    decision = retraining_history(model)[0]
+    assert f"decision {decision.decision}" in lines[2]
+    assert f"champion is v{decision.champion_after}" in lines[2]
