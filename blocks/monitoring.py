@@ -127,7 +127,7 @@ def resolve_monitoring_policy(name: str | None = None) -> MonitoringPolicy:
         try:
             return MonitoringPolicy.load(name, validate=True)
         except ValueError as exc:
-            if not _not_found(exc):
+            if not block_not_found(exc):
                 raise ConfigurationError(f"saved MonitoringPolicy {name!r} is invalid: {exc}") from None
             raise ConfigurationError(
                 f"no saved MonitoringPolicy document named {name!r}; save one with "
@@ -136,12 +136,12 @@ def resolve_monitoring_policy(name: str | None = None) -> MonitoringPolicy:
     try:
         return MonitoringPolicy.load(DEFAULT_DOCUMENT, validate=True)
     except ValueError as exc:
-        if not _not_found(exc):  # a saved default that no longer validates: say so, do not ignore it
+        if not block_not_found(exc):  # a saved default that no longer validates: say so, do not ignore it
             raise ConfigurationError(f"saved MonitoringPolicy 'default' is invalid: {exc}") from None
         return MonitoringPolicy()
 
 
-def _not_found(exc: ValueError) -> bool:
+def block_not_found(exc: ValueError) -> bool:
     # Block.load raises ValueError("Unable to find block document named ...") when no such
     # document (or block type) is saved; a pydantic ValidationError is a ValueError too.
     return "Unable to find block document" in str(exc) or "No block type" in str(exc)

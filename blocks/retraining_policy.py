@@ -8,11 +8,10 @@ the MonitoringPolicy's; the schedule's cron and timezone live in prefect.yaml on
 """
 from __future__ import annotations
 
-import re
-
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator
 
+from blocks.monitoring import block_not_found
 from tasks.errors import ConfigurationError
 
 DEFAULT_DOCUMENT = "default"
@@ -66,6 +65,10 @@ class RetrainingPolicy(Block):
         default=24.0, gt=0, description="Not approved within this: not promoted.")
     time_budget_s: float = Field(
         default=60.0, gt=0, description="Training time budget of the challenger's search.")
+    monitoring_policy: str | None = Field(
+        default=None,
+        description="Name of the MonitoringPolicy document whose drift threshold, degradation "
+                    "share and alert channels apply (empty: 'default', else built-in).")
 
     @field_validator("target")
     @classmethod
@@ -88,7 +91,9 @@ class RetrainingPolicy(Block):
 
 def document_name(model_name: str) -> str:
     """Block document names allow lowercase letters, digits and dashes: the model's slug."""
-    return re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-") or "model"
+    from tasks.registry import model_slug
+
+    return model_slug(model_name)
 
 
 def resolve_retraining_policy(model_name: str, name: str | None = None) -> RetrainingPolicy:
@@ -99,7 +104,7 @@ def resolve_retraining_policy(model_name: str, name: str | None = None) -> Retra
         try:
             return RetrainingPolicy.load(candidate, validate=True)
         except ValueError as exc:
-            if "Unable to find block document" not in str(exc) and "No block type" not in str(exc):
+            if not block_not_found(exc):
                 raise ConfigurationError(
                     f"saved RetrainingPolicy {candidate!r} is invalid: {exc}") from None
     if name:

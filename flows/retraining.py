@@ -73,7 +73,7 @@ def should_retrain(model_name: str, data: DataRef | None = None, target: str | N
     """
     validate_model_name(model_name)
     settings = _policy(model_name, policy)
-    monitoring = resolve_monitoring_policy()
+    monitoring = resolve_monitoring_policy(settings.monitoring_policy)
     champion = load_champion(model_name)
     if data is None and settings.training_data:
         data, target = settings.training_data, target or settings.target
@@ -119,7 +119,7 @@ def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "ma
     logger = get_run_logger()
     validate_model_name(model_name)
     settings = _policy(model_name, policy)
-    monitoring = resolve_monitoring_policy()
+    monitoring = resolve_monitoring_policy(settings.monitoring_policy)
     monitoring.check_channels()
     champion = load_champion(model_name)
     result = RetrainResult(model_name=model_name, trigger=trigger, reason=reason,

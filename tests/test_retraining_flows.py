@@ -35,6 +35,7 @@ from tasks.demo_data import churn_frame
 from tasks.errors import ConfigurationError, DataError, ModelNotFoundError
 from tasks.registry import alias_map, mlflow_client, read_alias_history
 from tasks.retraining import retraining_slot
+from tests.test_drift_flows import read_events
 
 BUDGET = 4
 
@@ -104,7 +105,8 @@ def versions(name: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------- the gate
-def test_a_better_challenger_is_promoted_after_scoring_both_on_the_same_unseen_rows(base, model):
+def test_a_better_challenger_is_promoted_after_scoring_both_on_the_same_unseen_rows(base, model,
+                                                                                   caplog):
     save_policy(model)
     result = retrain_model(model, base.labelled(model), "churn", reason="test: fresh labels")
 
@@ -134,6 +136,11 @@ def test_a_better_challenger_is_promoted_after_scoring_both_on_the_same_unseen_r
     assert history[0].reason == "test: fresh labels"
     moves = read_alias_history(mlflow_client(), model)
     assert moves[-1]["kind"] == "retrain" and moves[-1]["to"] in (2, None)
+
+    # the UI, the event bus and the alert channel (log, by default) hear of it
+    [event] = read_events("mlops.model.retrained", model)
+    assert event.payload["decision"] == "promoted" and event.payload["challenger_version"] == 2
+    assert f"[mlops] retraining: {model} v2 promoted to champion" in caplog.text
 
 
 def test_a_challenger_short_of_the_margin_stays_challenger_and_an_ab_test_holds_promotion(base, model):
@@ -335,3 +342,21 @@ def test_lifecycle_step_shows_the_decision_and_the_gate(base, model):
     decision = retraining_history(model)[0]
     assert f"decision {decision.decision}" in lines[2]
     assert f"champion is v{decision.champion_after}" in lines[2]
+
+
+def test_a_regression_model_is_gated_on_its_lower_is_better_metric(tmp_path):
+    from sklearn.datasets import load_diabetes
+
+    frame = load_diabetes(as_frame=True).frame.sample(frac=1.0, random_state=0)
+    old, labelled = tmp_path / "old.csv", tmp_path / "labelled.csv"
+    frame.iloc[:120].to_csv(old, index=False)
+    frame.to_csv(labelled, index=False)
+    name = "rt_diabetes"
+    first = train_model(str(old), "target", name, time_budget_s=BUDGET, candidates=["linear"])
+    assert first.metric == "rmse"
+    save_policy(name, min_new_rows=100)
+    result = retrain_model(name, str(labelled), "target")
+    assert result.metric == "rmse" and result.gate_rows == pytest.approx(161, abs=1)
+    better = result.challenger_score < result.champion_score
+    assert result.promoted is better
+    assert alias_map(mlflow_client(), name)["champion"] == (2 if better else 1)
