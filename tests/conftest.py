@@ -13,6 +13,17 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under `--dist loadgroup` (make test) each test module is one group, as with loadfile, except
+    that every end-to-end module is in the same group: they share one session-scoped stack, which
+    a second worker would otherwise start again."""
+    for item in items:
+        if not any(item.iter_markers("xdist_group")):
+            group = "e2e-stack" if item.get_closest_marker("e2e") else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_api():
     """A real (embedded) Prefect API server shared by the whole session (DESIGN.md §3)."""

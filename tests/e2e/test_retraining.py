@@ -14,14 +14,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 from tasks.retraining_rules import RetrainResult
 from tests.e2e.conftest import ROOT, Stack
-from tests.e2e.test_stack import aliases, assert_completed
+from tests.e2e.test_stack import aliases, api, assert_completed, request
 
 pytestmark = pytest.mark.e2e
 
@@ -35,23 +34,6 @@ POLICY_TYPE = "mlops-retraining-policy"
 
 
 # --------------------------------------------------------------------------- helpers
-def request(stack: Stack, method: str, path: str, body: dict | None = None) -> httpx.Response:
-    """One call to the stack's Prefect API. 429/502/503 (the server's "retry me": a busy SQLite
-    database under the worker's load) are retried with backoff, as Prefect's own client does."""
-    for attempt in range(6):
-        response = httpx.request(method, f"{stack.prefect_api}{path}", json=body, timeout=30)
-        if response.status_code not in (429, 502, 503):
-            break
-        time.sleep(min(0.25 * 2 ** attempt, 4))
-    return response
-
-
-def api(stack: Stack, path: str, body: dict | None = None):
-    response = request(stack, "POST", path, body or {})
-    response.raise_for_status()
-    return response.json()
-
-
 def save_policy(stack: Stack, document: str, **fields) -> None:
     """`RetrainingPolicy(**fields).save(document)` as a user's script on the stack's API."""
     code = ("import json, sys\n"

@@ -4,6 +4,7 @@ models and aliases checked in the MLflow server."""
 from __future__ import annotations
 
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -21,8 +22,19 @@ DEPLOYMENTS = {
 BUDGET_S = 4  # training time budget per run: the flow's own overhead dominates anyway
 
 
+def request(stack: Stack, method: str, path: str, body: dict | None = None) -> httpx.Response:
+    """One call to the stack's Prefect API. 429/502/503 (the server's "retry me": a busy SQLite
+    database under the worker's load) are retried with backoff, as Prefect's own client does."""
+    for attempt in range(6):
+        response = httpx.request(method, f"{stack.prefect_api}{path}", json=body, timeout=30)
+        if response.status_code not in (429, 502, 503):
+            break
+        time.sleep(min(0.25 * 2 ** attempt, 4))
+    return response
+
+
 def api(stack: Stack, path: str, body: dict | None = None):
-    response = httpx.post(f"{stack.prefect_api}{path}", json=body or {}, timeout=30)
+    response = request(stack, "POST", path, body or {})
     response.raise_for_status()
     return response.json()
 
