@@ -28,7 +28,7 @@ demo: venv
 	$(BIN)/python -m flows.lifecycle
 
 test: venv-dev
-	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 up: venv
 	bash deployments/up.sh

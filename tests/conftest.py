@@ -13,15 +13,24 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Under `--dist loadgroup` (make test) each test module is one group, as with loadfile, except
-    that every end-to-end module is in the same group: they share one session-scoped stack, which
-    a second worker would otherwise start again."""
-    for item in items:
-        if not any(item.iter_markers("xdist_group")):
-            group = "e2e-stack" if item.get_closest_marker("e2e") else item.module.__name__
-            item.add_marker(pytest.mark.xdist_group(group))
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs `-n 2 --dist loadfile`: one test file per worker at a time, so module
+    fixtures (trained models) are built once. Every end-to-end file counts as one file here: they
+    share the session-scoped stack, which a second worker would start again. (xdist's own
+    `loadgroup` cannot do this under pytest 9: it renames node ids, which pytest 9 no longer
+    lets a plugin do.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class OneStackScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith("tests/e2e/"):
+                return "tests/e2e"
+            return super()._split_scope(nodeid)
+
+    return OneStackScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
