@@ -17,7 +17,8 @@ from prefect.testing.utilities import prefect_test_harness
 def pytest_xdist_make_scheduler(config, log):
     """`make test` runs `-n 2 --dist loadfile`: one test file per worker at a time, so module
     fixtures (trained models) are built once. Every end-to-end file counts as one file here: they
-    share the session-scoped stack, which a second worker would start again. (xdist's own
+    share the session-scoped stack, which a second worker would start again, and go first (the
+    longest unit; xdist would order it by its number of tests). (xdist's own
     `loadgroup` cannot do this under pytest 9: it renames node ids, which pytest 9 no longer
     lets a plugin do.)"""
     if config.getvalue("dist") != "loadfile":
@@ -29,6 +30,12 @@ def pytest_xdist_make_scheduler(config, log):
             if nodeid.startswith("tests/e2e/"):
                 return "tests/e2e"
             return super()._split_scope(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            # the end-to-end unit is the longest (a stack to start): first, not last by count
+            if "tests/e2e" in self.workqueue:
+                self.workqueue.move_to_end("tests/e2e", last=False)
+            super()._assign_work_unit(node)
 
     return OneStackScheduling(config, log)
 
