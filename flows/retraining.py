@@ -28,7 +28,7 @@ from flows.training import train_model
 from tasks.alerts import dispatch, retraining_alert
 from tasks.data import DataRef
 from tasks.events import emit_model_event
-from tasks.registry import model_slug, validate_model_name
+from tasks.registry import alias_map, mlflow_client, model_slug, validate_model_name
 from tasks.retraining import (RetrainingInProgressError, active_ab_tests, find_unseen,
                               history_table, hours_since_last, keep_as_challenger,
                               latest_drift, load_champion, load_history, load_labelled, mark_seen,
@@ -230,8 +230,6 @@ def _decide_promotion(result: RetrainResult, settings: RetrainingPolicy, gate_pa
 
 def _finish(result: RetrainResult, started: float, gate_path: str | None,
             experiment_id: str | None) -> None:
-    from tasks.registry import alias_map, mlflow_client
-
     result.champion_after = alias_map(mlflow_client(), result.model_name).get("champion")
     result.duration_s = round(time.monotonic() - started, 2)
     result.run_id = record_retraining(result, gate_path, experiment_id)
