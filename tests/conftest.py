@@ -13,6 +13,10 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 
+# end-to-end files that start a stack of their own (the others share the session's SQLite stack)
+OWN_STACK_FILES = ("tests/e2e/test_postgres_stack.py",)
+
+
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config, log):
     """`make test` runs `-n 2 --dist loadfile`: one test file per worker at a time, so module
@@ -27,14 +31,16 @@ def pytest_xdist_make_scheduler(config, log):
 
     class OneStackScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            if nodeid.startswith("tests/e2e/"):
+            scope = super()._split_scope(nodeid)
+            if scope.startswith("tests/e2e/") and scope not in OWN_STACK_FILES:
                 return "tests/e2e"
-            return super()._split_scope(nodeid)
+            return scope
 
         def _assign_work_unit(self, node) -> None:
-            # the end-to-end unit is the longest (a stack to start): first, not last by count
-            if "tests/e2e" in self.workqueue:
-                self.workqueue.move_to_end("tests/e2e", last=False)
+            # end-to-end units are the longest (a stack to start): first, not last by test count
+            for scope in ("tests/e2e", *OWN_STACK_FILES):
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
             super()._assign_work_unit(node)
 
     return OneStackScheduling(config, log)
