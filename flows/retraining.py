@@ -141,7 +141,7 @@ def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "ma
                                   promote="never")
             result.challenger_version = trained.version
             mark_seen(trained.run_id, plan.seen_all, len(view.frame))
-            champion_scores, challenger_scores, _ = score_gate(
+            champion_scores, challenger_scores = score_gate(
                 model_name, champion.version, trained.version, gate_path)
             result.champion_metrics, result.challenger_metrics = champion_scores, challenger_scores
             result.champion_score = champion_scores.get(champion.metric)

@@ -30,7 +30,7 @@ from tasks.registry import (alias_map, mlflow_client, model_slug, move_alias, pr
                             resolve_version)
 from tasks.retraining_rules import (RetrainResult, gate_split, schema_differences, unseen_mask)
 from tasks.training import SEEN_ROWS_NAME, load_artifact_json
-from tasks.training_search import DEFAULT_METRIC, Schema, row_fingerprints
+from tasks.training_search import DEFAULT_METRIC, Schema, row_hashes
 
 HISTORY_KIND = "retraining"
 RESULT_TAG = "mlops.retrain_result"
@@ -157,19 +157,9 @@ def check_labelled(loaded: LoadedData, target: str, champion: ChampionState) -> 
 
 def labelled_view(loaded: LoadedData, target: str, champion: ChampionState) -> LabelledView:
     frame = check_labelled(loaded, target, champion).reset_index(drop=True)
-    prints = row_fingerprints_per_row(frame, champion)
+    prints = row_hashes(frame, Schema.from_dict(champion.schema))
     unseen, how = unseen_mask(prints, champion.seen, champion.seen_count)
     return LabelledView(frame, prints, unseen, how)
-
-
-def row_fingerprints_per_row(frame: pd.DataFrame, champion: ChampionState) -> np.ndarray:
-    """Per-row fingerprints in frame order (row_fingerprints sorts and dedups: same hashing)."""
-    from tasks.training_search import prepare_features
-
-    schema = Schema.from_dict(champion.schema)
-    X = prepare_features(frame, schema)
-    X["__label__"] = frame[schema.target].astype(str).to_numpy()
-    return pd.util.hash_pandas_object(X, index=False).to_numpy(dtype=np.uint64)
 
 
 @task(name="find-unseen-rows", cache_policy=NO_CACHE)
@@ -228,12 +218,12 @@ def mark_seen(run_id: str, seen: np.ndarray, n_rows: int) -> None:
 
 @task(name="score-on-gate-rows", cache_policy=NO_CACHE)
 def score_gate(model_name: str, champion_version: int, challenger_version: int,
-               gate_path: str) -> tuple[dict[str, float], dict[str, float], str]:
-    """Both versions on the very same rows (one frame, read once): (champion, challenger, sha)."""
+               gate_path: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Both versions on the very same rows (one frame, read once): (champion, challenger)."""
     frame = pd.read_parquet(gate_path)
     loaded = LoadedData(frame=frame, ref=gate_path, sha256=frame_sha256(frame))
     return (score_version.fn(model_name, champion_version, loaded),
-            score_version.fn(model_name, challenger_version, loaded), loaded.sha256)
+            score_version.fn(model_name, challenger_version, loaded))
 
 
 @task(name="read-challenger-schema", cache_policy=NO_CACHE)

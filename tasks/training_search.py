@@ -86,13 +86,19 @@ def prepare_features(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
     return X
 
 
-def row_fingerprints(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
-    """One 64-bit hash per labelled row (features as the model reads them, then the label), sorted
-    and unique: stored with a version, it tells later which rows the version has seen, whatever
-    their order or file (retraining counts new rows and keeps the gate slice unseen with it)."""
+def row_hashes(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+    """One 64-bit hash per labelled row, in frame order (features as the model reads them, then
+    the label)."""
     X = prepare_features(frame, schema)
     X["__label__"] = frame[schema.target].astype(str).to_numpy()
-    return np.unique(pd.util.hash_pandas_object(X, index=False).to_numpy(dtype=np.uint64))
+    return pd.util.hash_pandas_object(X, index=False).to_numpy(dtype=np.uint64)
+
+
+def row_fingerprints(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
+    """The row hashes sorted and unique: stored with a version, they tell later which rows the
+    version has seen, whatever their order or file (retraining counts new rows and keeps the gate
+    slice unseen with them)."""
+    return np.unique(row_hashes(frame, schema))
 
 
 # --------------------------------------------------------------------------- pipelines

@@ -13,6 +13,14 @@ from tasks.export.base import Capability, ExportSubject
 COMMON_TRANSFORMERS = {"ColumnTransformer", "Pipeline", "SimpleImputer", "StandardScaler",
                        "OneHotEncoder", "OrdinalEncoder", "MinMaxScaler"}
 PASS_THROUGH = {"drop", "passthrough"}
+# final estimators both converter libraries (skl2onnx, sklearn2pmml) carry for our pipelines
+CONVERTER_ESTIMATORS = {
+    "LogisticRegression", "LinearRegression", "Ridge", "Lasso", "ElasticNet",
+    "RandomForestClassifier", "RandomForestRegressor", "ExtraTreesClassifier",
+    "ExtraTreesRegressor", "GradientBoostingClassifier", "GradientBoostingRegressor",
+    "HistGradientBoostingClassifier", "HistGradientBoostingRegressor",
+    "DecisionTreeClassifier", "DecisionTreeRegressor", "MLPClassifier", "MLPRegressor",
+}
 
 
 @dataclass

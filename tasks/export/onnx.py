@@ -24,15 +24,9 @@ import pandas as pd
 
 from tasks.export.base import (Capability, Conversion, ExportError, Exporter, ExportSubject,
                                Prediction, Runner)
-from tasks.export.capability import categorical_imputers, check_pipeline, final_estimator
+from tasks.export.capability import CONVERTER_ESTIMATORS, categorical_imputers, check_pipeline, final_estimator
 
-ESTIMATORS = {
-    "LogisticRegression", "LinearRegression", "Ridge", "Lasso", "ElasticNet",
-    "RandomForestClassifier", "RandomForestRegressor", "ExtraTreesClassifier",
-    "ExtraTreesRegressor", "GradientBoostingClassifier", "GradientBoostingRegressor",
-    "HistGradientBoostingClassifier", "HistGradientBoostingRegressor",
-    "DecisionTreeClassifier", "DecisionTreeRegressor", "MLPClassifier", "MLPRegressor",
-}
+ESTIMATORS = CONVERTER_ESTIMATORS
 TARGET_OPSET = {"": 18, "ai.onnx.ml": 3}
 MISSING_CATEGORY = ""  # how a missing categorical value is spelled at the ONNX input
 QUANTIZABLE_OPS = ("MatMul", "Gemm")

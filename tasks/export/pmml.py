@@ -32,16 +32,10 @@ import pandas as pd
 
 from tasks.export.base import (Capability, Conversion, ExportError, Exporter, ExportSubject,
                                Prediction, Runner)
-from tasks.export.capability import check_pipeline
+from tasks.export.capability import CONVERTER_ESTIMATORS, check_pipeline
 from tasks.export.onnx import _versions
 
-ESTIMATORS = {
-    "LogisticRegression", "LinearRegression", "Ridge", "Lasso", "ElasticNet",
-    "RandomForestClassifier", "RandomForestRegressor", "ExtraTreesClassifier",
-    "ExtraTreesRegressor", "GradientBoostingClassifier", "GradientBoostingRegressor",
-    "HistGradientBoostingClassifier", "HistGradientBoostingRegressor",
-    "DecisionTreeClassifier", "DecisionTreeRegressor", "MLPClassifier", "MLPRegressor",
-}
+ESTIMATORS = CONVERTER_ESTIMATORS
 MIN_JAVA = 11
 JAVA_FIX = ("install Java {min} or newer (e.g. `apt-get install openjdk-17-jre-headless`) or set "
             "JAVA_HOME to a Java installation; the other formats do not need it")
