@@ -8,10 +8,11 @@ block names PostgreSQL), statistics are tasks/ab_stats.py, routing tasks/routing
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from prefect import flow, get_run_logger
 
+from flows.parameters import DataRef, data_flow
 from tasks.ab import ABTestClosedError, ABTestNotReadyError, check_test_id
 from tasks.ab_tasks import (ABResults, ABTestInfo, OutcomeReport, ScoreResult, challenger_leads,
                             close_test, log_plot, open_test, publish_results, read_results,
@@ -62,8 +63,8 @@ def create_ab_test(
     return test.test_id
 
 
-@flow(name="score-batch")
-def score_batch(model_name: str, data: Any, id_column: str, output: str | None = None,
+@data_flow(name="score-batch")
+def score_batch(model_name: str, data: DataRef, id_column: str, output: str | None = None,
                 timestamp_column: str | None = None) -> ScoreResult:
     """Score a batch of entities. With an active test, each row is routed by a stable hash of
     (test, id) and scored by its arm's version, and every prediction is logged; without one the
@@ -82,8 +83,8 @@ def score_batch(model_name: str, data: Any, id_column: str, output: str | None =
     return result
 
 
-@flow(name="record-outcomes")
-def record_outcomes(test_id: str, data: Any, id_column: str, outcome_column: str,
+@data_flow(name="record-outcomes")
+def record_outcomes(test_id: str, data: DataRef, id_column: str, outcome_column: str,
                     timestamp_column: str | None = None) -> OutcomeReport:
     """Record outcomes (conversion: 1/0 or true/false; continuous: numbers) joined to routed
     predictions by id. Repeats count once, contradictions are rejected, unknown ids are counted."""

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from blocks.monitoring import MonitoringPolicy, resolve_monitoring_policy
+from flows.parameters import DataRef, data_flow
 from tasks.alerts import dispatch, drift_alert, performance_alert
 from tasks.drift import (DriftReport, FeatureDrift, PerformanceReport, ProfileInfo,
                          ProfileNotFoundError, compare_batch, elapsed, evaluate_batch,
@@ -32,34 +32,14 @@ DRIFT_EVENT = "mlops.model.drift-detected"
 DEGRADED_EVENT = "mlops.model.performance-degraded"
 
 
-def _frames_stay_local(flow_object):
-    """Record a DataFrame parameter in the Prefect API as a one-line description, not its rows.
-
-    Prefect stores flow-run parameters through `jsonable_encoder`, which turns a DataFrame into
-    every value it holds: the server refuses anything above 512 KiB ("Flow run parameters must be
-    less than 524,288 bytes", about 20k rows here) and smaller batches would be copied into the
-    Prefect database. The flow itself still receives the DataFrame.
-    """
-    serialize = flow_object.serialize_parameters
-
-    def serialize_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
-        return serialize({k: (f"<DataFrame {v.shape[0]} rows x {v.shape[1]} columns>"
-                              if isinstance(v, pd.DataFrame) else v)
-                          for k, v in parameters.items()})
-
-    flow_object.serialize_parameters = serialize_parameters
-    return flow_object
-
-
 def _policy(policy: str | None) -> MonitoringPolicy:
     resolved = resolve_monitoring_policy(policy)
     resolved.check_channels()
     return resolved
 
 
-@_frames_stay_local
-@flow(name="check-drift", log_prints=True)
-def check_drift(model_name: str, data: Any, version: int | str = "champion",
+@data_flow(name="check-drift", log_prints=True)
+def check_drift(model_name: str, data: DataRef, version: int | str = "champion",
                 policy: str | None = None) -> DriftReport:
     """Compare a batch of recent inputs with the stored training profile of a model version.
 
@@ -95,9 +75,8 @@ def check_drift(model_name: str, data: Any, version: int | str = "champion",
     return report
 
 
-@_frames_stay_local
-@flow(name="evaluate-production", log_prints=True)
-def evaluate_production(model_name: str, data: Any, target: str, version: int | str = "champion",
+@data_flow(name="evaluate-production", log_prints=True)
+def evaluate_production(model_name: str, data: DataRef, target: str, version: int | str = "champion",
                         policy: str | None = None) -> PerformanceReport:
     """Score labelled production data with a version and compare with its holdout metrics.
 
@@ -127,9 +106,8 @@ def evaluate_production(model_name: str, data: Any, target: str, version: int | 
     return report
 
 
-@_frames_stay_local
-@flow(name="profile-model", log_prints=True)
-def profile_model(model_name: str, version: int | str, data: Any,
+@data_flow(name="profile-model", log_prints=True)
+def profile_model(model_name: str, version: int | str, data: DataRef,
                   overwrite: bool = False) -> ProfileInfo:
     """Store the drift profile of a version registered before profiles existed (or outside
     train_model), from the data it was trained on. With the target column in the data and no

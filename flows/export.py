@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from blocks.export_settings import resolve_export_settings
-from tasks.data import DataRef
+from flows.parameters import DataRef, data_flow
 from tasks.events import emit_model_event
 from tasks.export.base import plan_formats
 from tasks.export.report import ExportReport, ExportResult, summary_line, table_rows
@@ -25,7 +25,7 @@ from tasks.registry import model_slug, validate_model_name
 FormatName = Literal["onnx", "pmml", "tflite", "coreml", "edge"]
 
 
-@flow(name="export-model", log_prints=True)
+@data_flow(name="export-model", log_prints=True)
 def export_model(
     model_name: str,
     version: int | str = "champion",

@@ -6,8 +6,8 @@ from typing import Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.parameters import DataRef, data_flow
 from tasks.comparison import Comparison, compare_recorded, score_version, scores_table
-from tasks.data import DataRef
 from tasks.events import emit_model_event
 from tasks.registry import (VersionInfo, check_model_source, find_previous_champion, find_version,
                             model_slug, promote_alias, read_versions, register_version,
@@ -57,7 +57,7 @@ def list_versions(model_name: str) -> list[VersionInfo]:
     return read_versions(model_name)
 
 
-@flow(name="compare-versions")
+@data_flow(name="compare-versions")
 def compare_versions(model_name: str, version_a: int | str, version_b: int | str,
                      data: DataRef | None = None) -> Comparison:
     """Recorded metric and parameter differences (b − a); with `data` (labelled rows), both

@@ -24,9 +24,9 @@ from pydantic import Field
 
 from blocks.monitoring import resolve_monitoring_policy
 from blocks.retraining_policy import RetrainingPolicy, resolve_retraining_policy
+from flows.parameters import DataRef, data_flow
 from flows.training import train_model
 from tasks.alerts import dispatch, retraining_alert
-from tasks.data import DataRef
 from tasks.events import emit_model_event
 from tasks.registry import alias_map, mlflow_client, model_slug, validate_model_name
 from tasks.retraining import (RetrainingInProgressError, active_ab_tests, find_unseen,
@@ -59,7 +59,7 @@ def _policy(model_name: str, policy: str | None) -> RetrainingPolicy:
     return resolve_retraining_policy(model_name, policy)
 
 
-@flow(name="should-retrain", log_prints=True)
+@data_flow(name="should-retrain", log_prints=True)
 def should_retrain(model_name: str, data: DataRef | None = None, target: str | None = None,
                    policy: str | None = None) -> RetrainDecision:
     """Whether the champion should be retrained now, why, and every signal beside its threshold.
@@ -104,7 +104,7 @@ def should_retrain(model_name: str, data: DataRef | None = None, target: str | N
     return decision
 
 
-@flow(name="retrain-model", log_prints=True)
+@data_flow(name="retrain-model", log_prints=True)
 def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "manual",
                   trigger: Trigger = "manual", policy: str | None = None,
                   time_budget_s: float | None = None) -> RetrainResult:

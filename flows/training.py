@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.data import DataRef
+from flows.parameters import DataRef, data_flow
 from tasks.errors import ConfigurationError, DataError
 from tasks.registry import (alias_map, mlflow_client, model_slug, promote_alias, register_version,
                             validate_model_name)
@@ -29,7 +29,7 @@ def initial_alias(promote: str, has_champion: bool) -> str | None:
     return "challenger" if has_champion else "champion"
 
 
-@flow(name="train-model", task_runner=ThreadPoolTaskRunner(max_workers=cpu_workers()),
+@data_flow(name="train-model", task_runner=ThreadPoolTaskRunner(max_workers=cpu_workers()),
       log_prints=True)
 def train_model(
     data: DataRef,

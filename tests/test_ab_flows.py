@@ -188,6 +188,25 @@ def test_without_an_active_test_the_champion_scores_everything(state_dir, models
     assert open_store().row_counts()["ab_predictions"] == 0  # nothing to log without a test
 
 
+def test_a_large_dataframe_goes_into_scoring_and_outcomes(state_dir, models, traffic):
+    """40,000 rows of floats and strings: Prefect would record such a frame cell by cell (4 MB,
+    refused by its API above 512 KiB); the flows take it and record a one-line description."""
+    from prefect.client.orchestration import get_client
+
+    rows = pd.concat([traffic] * 14, ignore_index=True).head(40_000)
+    rows = rows.astype({c: float for c in rows.select_dtypes("number").columns})
+    rows["customer_id"] = [f"big-{i:06d}" for i in range(len(rows))]
+    test_id = create_ab_test(MODEL, traffic_split=0.5)
+    state = score_batch(MODEL, rows, "customer_id", return_state=True)
+    scored = state.result()
+    assert scored.n_rows == 40_000 and scored.n_champion + scored.n_challenger == 40_000
+    with get_client(sync_client=True) as client:
+        recorded = client.read_flow_run(state.state_details.flow_run_id).parameters
+    assert recorded["data"] == "<DataFrame 40000 rows x 20 columns>"
+    outcomes = pd.DataFrame({"customer_id": rows.customer_id, "ok": 1.0})
+    assert record_outcomes(test_id, outcomes, "customer_id", "ok").recorded == 40_000
+
+
 def test_timestamps_of_replayed_traffic_are_kept(state_dir, models, traffic):
     test_id = create_ab_test(MODEL, traffic_split=0.5)
     rows = traffic.head(50).assign(seen=pd.date_range("2026-01-01", periods=50, freq="h"))
