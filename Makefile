@@ -24,8 +24,9 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 venv: $(VENV)/.runtime
 venv-dev: $(VENV)/.dev
 
+# STACK=1: run the lifecycle against the stack of `make up` instead of embedded defaults
 demo: venv
-	$(BIN)/python -m flows.lifecycle
+	$(BIN)/python -m flows.lifecycle $(if $(STACK),--stack)
 
 test: venv-dev
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
