@@ -63,6 +63,11 @@ def test_up_applies_prefect_yaml_and_is_idempotent(stack):
         assert d["pull_steps"] == [
             {"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}], name
         assert d["enforce_parameter_schema"], name
+    # A fresh stack schedules nothing that fails for want of a model or a policy: the drift and
+    # retraining schedules ship inactive (README "Schedules" says how to turn them on).
+    for name in ("check-drift/default", "retraining-check/default"):
+        schedules = by_name[name]["schedules"]
+        assert schedules and not any(s["active"] for s in schedules), (name, schedules)
     train_schema = by_name["train-model/default"]["parameter_openapi_schema"]
     assert set(train_schema["required"]) == {"data", "target", "model_name"}
     assert train_schema["properties"]["time_budget_s"]["type"] == "number"
