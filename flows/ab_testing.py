@@ -38,13 +38,22 @@ def create_ab_test(
     higher_is_better: bool = True,
     description: str = "",
 ) -> str:
-    """Start an A/B test of two versions of `model_name`; returns its id.
+    """Start an A/B test of two versions of a model; returns its id. One active test per model.
 
-    traffic_split: the challenger's share of entities (0 < split < 1; 5-10% is the usual
-    guidance). Versions default to the `champion` / `challenger` alias holders. Unset rules come
-    from the ABPolicy block (min samples per arm, min duration 7 days, alpha 0.05). metric_type:
-    conversion (binary success per entity) or continuous (a number per entity); for continuous
-    metrics where lower is better, pass higher_is_better=False.
+    Args:
+        model_name: Registered model whose versions are compared.
+        champion_version: Version (number or alias) that keeps most traffic; empty: the
+            `champion` alias holder.
+        challenger_version: Version (number or alias) under test; empty: the `challenger` alias
+            holder.
+        traffic_split: The challenger's share of entities, 0 < split < 1 (5-10% is usual).
+        metric_type: conversion (a success 1/0 per entity) or continuous (a number per entity).
+        min_samples_per_arm: Entities with an outcome each arm needs before a verdict; empty:
+            the ABPolicy block's (else computed from the power analysis).
+        min_duration_days: Days the test runs at least; empty: the ABPolicy block's (7).
+        alpha: Significance level; empty: the ABPolicy block's (0.05).
+        higher_is_better: For continuous metrics where lower is better, false.
+        description: Why the test runs (shown with the test).
     """
     validate_model_name(model_name)
     spec = validate_new_test(model_name, champion_version, challenger_version, traffic_split,
@@ -68,9 +77,16 @@ def score_batch(model_name: str, data: DataRef, id_column: str, output: str | No
                 timestamp_column: str | None = None) -> ScoreResult:
     """Score a batch of entities. With an active test, each row is routed by a stable hash of
     (test, id) and scored by its arm's version, and every prediction is logged; without one the
-    champion scores everything. Predictions (columns id, arm, version, prediction, proba_<class>)
-    go to `output` (csv/parquet path or s3:// URI; a parquet file in the state folder when
-    omitted). timestamp_column: keep replayed traffic's own times."""
+    champion scores everything.
+
+    Args:
+        model_name: Registered model to score with.
+        data: Rows to score: a csv/parquet path or s3://bucket/key URI (a DataFrame from Python).
+        id_column: Column with the entity id that routing is sticky on (e.g. customer_id).
+        output: Where predictions go (columns id, arm, version, prediction, proba_<class>): a
+            csv/parquet path or s3:// URI; empty: a parquet file in the state folder.
+        timestamp_column: Column with the rows' own times (replayed traffic); empty: now.
+    """
     validate_model_name(model_name)
     loaded = load_data(data)
     scored = route_and_score(model_name, loaded.frame, id_column, output, timestamp_column)
@@ -86,8 +102,17 @@ def score_batch(model_name: str, data: DataRef, id_column: str, output: str | No
 @data_flow(name="record-outcomes")
 def record_outcomes(test_id: str, data: DataRef, id_column: str, outcome_column: str,
                     timestamp_column: str | None = None) -> OutcomeReport:
-    """Record outcomes (conversion: 1/0 or true/false; continuous: numbers) joined to routed
-    predictions by id. Repeats count once, contradictions are rejected, unknown ids are counted."""
+    """Record outcomes joined to routed predictions by id. Repeats count once, contradictions
+    are rejected, unknown ids are counted.
+
+    Args:
+        test_id: The A/B test (as create_ab_test returned it).
+        data: Outcome rows: a csv/parquet path or s3://bucket/key URI (a DataFrame from Python).
+        id_column: Column with the entity id the predictions were routed by.
+        outcome_column: Column with the outcome: 1/0 or true/false for conversion tests, numbers
+            for continuous tests.
+        timestamp_column: Column with the outcomes' own times; empty: now.
+    """
     check_test_id(test_id)
     loaded = load_data(data)
     return record_outcome_rows(test_id, loaded.frame, id_column, outcome_column, timestamp_column)
@@ -97,7 +122,11 @@ def record_outcomes(test_id: str, data: DataRef, id_column: str, outcome_column:
 def ab_test_results(test_id: str) -> ABResults:
     """Per-arm numbers, fixed-horizon and always-valid statistics, SRM, guardrails and one
     recommendation, from the running sums (constant time however long the log). Publishes the
-    Prefect artifact `ab-<test_id>` and logs the lift/confidence-sequence plot to MLflow."""
+    Prefect artifact `ab-<test_id>` with the lift/confidence-sequence plot, also logged to MLflow.
+
+    Args:
+        test_id: The A/B test (as create_ab_test returned it).
+    """
     check_test_id(test_id)
     results = read_results(test_id)
     if results.status == "active":
@@ -112,8 +141,14 @@ def ab_test_results(test_id: str) -> ABResults:
 def conclude_ab_test(test_id: str, promote_winner: bool = True, force: bool = False) -> ABResults:
     """Close a test with its final results. With the guardrails passed (min samples, min
     duration, no SRM), a `promote_challenger` verdict makes the challenger `champion` through the
-    registry's recorded promotion (when promote_winner). Before the guardrails pass it refuses
-    unless force=True, which is recorded as forced and promotes only if the challenger leads."""
+    registry's recorded promotion. Before the guardrails pass it refuses unless forced.
+
+    Args:
+        test_id: The A/B test (as create_ab_test returned it).
+        promote_winner: Make a winning challenger `champion`; false: only record the verdict.
+        force: Conclude before the guardrails pass (recorded as forced; promotes only if the
+            challenger leads).
+    """
     check_test_id(test_id)
     results = read_results(test_id, final=True)
     if results.status != "active":
@@ -167,7 +202,11 @@ def conclude_ab_test(test_id: str, promote_winner: bool = True, force: bool = Fa
 
 @flow(name="list-active-ab-tests")
 def list_active_ab_tests(model_name: str | None = None) -> list[ABTestInfo]:
-    """Active tests (of one model, or all), newest first, with routed and outcome counts."""
+    """Active tests, newest first, with routed and outcome counts.
+
+    Args:
+        model_name: Only this model's tests; empty: every model's.
+    """
     if model_name is not None:
         validate_model_name(model_name)
     return read_tests(model_name, "active")
@@ -177,9 +216,13 @@ def list_active_ab_tests(model_name: str | None = None) -> list[ABTestInfo]:
 def ab_test_analysis(model_name: str | None = None,
                      conclude_when_decided: bool = False) -> list[ABResults]:
     """The scheduled look (hourly in prefect.yaml): refresh the results and artifacts of every
-    active test. Reading often is safe: verdicts use the always-valid sequential test. With
-    conclude_when_decided, tests whose guardrails passed and whose verdict is promote_challenger
-    or keep_champion are concluded (promoting a winning challenger)."""
+    active test. Reading often is safe: verdicts use the always-valid sequential test.
+
+    Args:
+        model_name: Only this model's tests; empty: every active test.
+        conclude_when_decided: Conclude tests whose guardrails passed with a promote_challenger
+            or keep_champion verdict (promoting a winning challenger).
+    """
     out = []
     for info in list_active_ab_tests(model_name):
         results = ab_test_results(info.test_id)

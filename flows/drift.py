@@ -43,10 +43,13 @@ def check_drift(model_name: str, data: DataRef, version: int | str = "champion",
                 policy: str | None = None) -> DriftReport:
     """Compare a batch of recent inputs with the stored training profile of a model version.
 
-    data: a csv/parquet path, a folder (its newest file), an s3://bucket/key URI, an
-    s3://bucket/prefix/ (its newest object) or a DataFrame. version: a number or an alias
-    (champion, challenger, Production, Staging). policy: name of a saved MonitoringPolicy block
-    document; empty: the one named "default", else the built-in defaults.
+    Args:
+        model_name: Registered model to check.
+        data: Recent inputs: a csv/parquet path, a folder (its newest file), an s3://bucket/key
+            URI or an s3://bucket/prefix/ (its newest object); a DataFrame from Python.
+        version: A version number or an alias (champion, challenger, Production, Staging).
+        policy: Name of a saved MonitoringPolicy block document (thresholds, alert channels);
+            empty: the one named "default", else the built-in defaults.
     """
     started = time.monotonic()
     validate_model_name(model_name)
@@ -80,9 +83,18 @@ def evaluate_production(model_name: str, data: DataRef, target: str, version: in
                         policy: str | None = None) -> PerformanceReport:
     """Score labelled production data with a version and compare with its holdout metrics.
 
-    degraded: accuracy below accuracy_alert_threshold (classification) or R² below
+    Degraded: accuracy below the policy's accuracy_alert_threshold (classification) or R² below
     r2_alert_threshold (regression), or the primary metric worse than the holdout by more than
     max_relative_degradation. Alerts go to the policy's channels when degraded.
+
+    Args:
+        model_name: Registered model to evaluate.
+        data: Labelled production rows: a csv/parquet path, a folder (its newest file) or an
+            s3:// URI; a DataFrame from Python.
+        target: Column with the true labels or values.
+        version: A version number or an alias (champion, challenger, Production, Staging).
+        policy: Name of a saved MonitoringPolicy block document; empty: "default", else the
+            built-in defaults.
     """
     started = time.monotonic()
     validate_model_name(model_name)
@@ -112,7 +124,15 @@ def profile_model(model_name: str, version: int | str, data: DataRef,
     """Store the drift profile of a version registered before profiles existed (or outside
     train_model), from the data it was trained on. With the target column in the data and no
     stored importances, permutation importances are computed too (else the drift score weighs
-    every feature the same). overwrite: replace an existing profile."""
+    every feature the same).
+
+    Args:
+        model_name: Registered model.
+        version: A version number or an alias (champion, challenger, Production, Staging).
+        data: The rows the version was trained on: a csv/parquet path or s3:// URI; a DataFrame
+            from Python.
+        overwrite: Replace a profile the version already has.
+    """
     validate_model_name(model_name)
     reference = load_reference(model_name, version, need_profile=False)
     batch = load_batch(data)

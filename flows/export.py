@@ -33,14 +33,18 @@ def export_model(
     quantize: bool = False,
     sample_data: DataRef | None = None,
 ) -> ExportReport:
-    """Export a registered version to deployable formats, each checked against scikit-learn.
+    """Export a registered version to deployable formats, each checked against scikit-learn;
+    a file that fails its parity gate is not published.
 
-    version: a number or an alias (champion, challenger, Production, Staging). formats: any of
-    onnx, pmml, tflite, coreml, or "edge" (every device format, quantized where honest, zipped
-    with its manifest). quantize: try a quantized variant where it applies (ONNX MatMul/Gemm
-    weights); reported "not applicable" elsewhere, and refused when it breaks parity.
-    sample_data: rows with the model's columns (path, s3:// URI or DataFrame) for the parity gate;
-    default: the version's stored holdout. A file that fails its gate is not published.
+    Args:
+        model_name: Registered model to export.
+        version: A version number or an alias (champion, challenger, Production, Staging).
+        formats: Any of onnx, pmml, tflite, coreml, or "edge" (every device format, quantized
+            where parity holds, zipped with its manifest).
+        quantize: Also try a quantized variant where it applies (ONNX MatMul/Gemm weights);
+            reported "not applicable" elsewhere, refused when it breaks parity.
+        sample_data: Rows with the model's columns for the parity gate: a csv/parquet path or
+            s3:// URI (a DataFrame from Python); empty: the version's stored holdout.
     """
     logger = get_run_logger()
     validate_model_name(model_name)
@@ -79,8 +83,14 @@ def export_model(
 @flow(name="download-export")
 def download_export(model_name: str, version: int | str = "champion",
                     format: FormatName = "onnx", dst_dir: str | None = None) -> str:
-    """Local path of a published export of a version (format "edge": the zip bundle), verified
-    against the manifest's sha256."""
+    """Local path of a published export of a version, verified against the manifest's sha256.
+
+    Args:
+        model_name: Registered model.
+        version: A version number or an alias (champion, challenger, Production, Staging).
+        format: onnx, pmml, tflite, coreml, or edge (the zip bundle).
+        dst_dir: Folder to copy the file into; empty: the export store's own copy.
+    """
     validate_model_name(model_name)
     return fetch_export(model_name, version, format, dst_dir)
 

@@ -44,10 +44,20 @@ def train_model(
 ) -> TrainResult:
     """Train the best of several exportable model families and register it in MLflow.
 
-    data: a csv/parquet path, an s3://bucket/key URI (read through a saved S3Bucket block), or a
-    DataFrame from Python. candidates: families to search (linear, random_forest,
-    hist_gradient_boosting); all by default. promote: auto (first version champion, later ones
-    challenger), always (champion), never (no alias).
+    Args:
+        data: Labelled rows: a csv/parquet path or an s3://bucket/key URI (read through a saved
+            S3Bucket block); a DataFrame from Python.
+        target: Column to predict.
+        model_name: Registered model the new version belongs to (created if new).
+        task: binary, multiclass or regression; auto: inferred from the target.
+        metric: Metric to select by (roc_auc, accuracy, balanced_accuracy, f1_macro, log_loss,
+            rmse, mae, r2); empty: the task's default.
+        time_budget_s: Seconds for the whole call; the search gets 70% of it.
+        candidates: Families to search (linear, random_forest, hist_gradient_boosting); empty:
+            all.
+        random_state: Seed of the splits and the models.
+        promote: auto (the first version becomes champion, later ones challenger), always
+            (champion), never (no alias).
     """
     started = time.monotonic()
     logger = get_run_logger()
