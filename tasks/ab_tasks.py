@@ -29,6 +29,7 @@ from tasks.ab import (CHALLENGER_ARM, CHAMPION_ARM, ABStore, ABTestClosedError,
                       ArmTotals, TestRecord, from_ms, now_ms, open_store)
 from tasks.data import READABLE, s3_bucket_for, split_s3_uri
 from tasks.errors import ConfigurationError, DataError
+from tasks.mlflow_links import artifact_link, inline_image, run_link
 from tasks.registry import mlflow_client, model_slug, resolve_version
 from tasks.routing import is_challenger
 from tasks.training import load_artifact_json
@@ -689,12 +690,6 @@ def record_outcome_rows(test_id: str, frame: pd.DataFrame, id_column: str, outco
 
 
 # --------------------------------------------------------------------------- results
-def _run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return None
-
-
 @task(name="log-ab-plot", cache_policy=NO_CACHE)
 def log_plot(test_id: str, results: ABResults) -> tuple[str | None, str | None, str | None]:
     """Log the headline numbers to the test's MLflow run (one batch, step = outcomes so far) and,
@@ -730,7 +725,7 @@ def log_plot(test_id: str, results: ABResults) -> tuple[str | None, str | None, 
             ("p_value", results.p_value), ("sequential_p_value", results.sequential_p_value),
             ("prob_challenger_better", results.prob_challenger_better),
             ("srm_p_value", results.srm.p_value)) if value is not None]
-        uri = f"{run.info.artifact_uri.rstrip('/')}/ab/lift.png"
+        uri = artifact_link(run_id, "ab/lift.png")
         if run.data.tags.get("mlops.ab_plotted") == plotted:
             client.log_batch(run_id, metrics=metrics)  # nothing new to draw
         else:
@@ -739,7 +734,7 @@ def log_plot(test_id: str, results: ABResults) -> tuple[str | None, str | None, 
                 (Path(tmp) / "results.json").write_text(results.model_dump_json(indent=1))
                 client.log_artifacts(run_id, tmp, artifact_path="ab")
             client.log_batch(run_id, metrics=metrics, tags=[RunTag("mlops.ab_plotted", plotted)])
-        return run_id, uri, _run_link(config.tracking_uri, run.info.experiment_id, run_id)
+        return run_id, uri, run_link(run_id, run.info.experiment_id)
     except Exception as exc:  # the plot is a convenience: never lose the results over it
         logger.warning("could not log the A/B plot of %s to MLflow: %s", test_id, exc)
         return None, None, None
@@ -800,8 +795,9 @@ def results_markdown(results: ABResults, link: str | None, plot_uri: str | None)
                      f"{s.remaining_champion} / {s.remaining_challenger}")
     if plot_uri:
         target = link or plot_uri
-        lines += ["", f"Lift and confidence sequence over time: [{plot_uri.rsplit('/', 1)[-1]} in "
-                      f"MLflow run {results.mlflow_run_id}]({target}) (`{plot_uri}`)"]
+        lines += ["", f"Lift and confidence sequence over time: [lift.png in MLflow run "
+                      f"{results.mlflow_run_id}]({target})",
+                  *inline_image(plot_uri, "lift and confidence sequence over time")]
     return "\n".join(lines) + "\n"
 
 

@@ -47,6 +47,7 @@ from tasks.data import READABLE, LoadedData, load_table, s3_bucket_for
 from tasks.drift_metrics import (DriftInputError, FeatureStats, build_profile, compare_to_profile,
                                  model_drift_score)
 from tasks.errors import DataError, MlopsError
+from tasks.mlflow_links import artifact_link, inline_image, run_link
 from tasks.registry import mlflow_client, model_slug, resolve_version
 
 PROFILE_NAME = "profile.json"
@@ -429,26 +430,6 @@ def _experiment_for(reference: Reference) -> str:
     return reference.experiment_id or resolve_mlflow_config().ensure_experiment()
 
 
-def artifact_link(run_id: str, path: str) -> str:
-    """A URL a person can open: the MLflow server's artifact endpoint when there is a server,
-    else the artifact's location (a file URI for the embedded store)."""
-    config = resolve_mlflow_config()
-    if config.tracking_uri.startswith(("http://", "https://")):
-        from urllib.parse import urlencode
-
-        return (f"{config.tracking_uri.rstrip('/')}/get-artifact?"
-                f"{urlencode({'path': path, 'run_uuid': run_id})}")
-    client = mlflow_client()
-    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
-
-
-def run_link(run_id: str, experiment_id: str) -> str | None:
-    config = resolve_mlflow_config()
-    if config.tracking_uri.startswith(("http://", "https://")):
-        return f"{config.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return None
-
-
 @dataclass
 class Recorded:
     run_id: str
@@ -559,8 +540,7 @@ def drift_markdown(report: DriftReport, recorded: Recorded | None) -> str:
                      + (f" ([open]({recorded.run_url}))" if recorded.run_url else ""))
         if recorded.plot_uri:
             lines.append(f"- plot: [reference vs current, most drifted features]({recorded.plot_uri})")
-            if recorded.plot_uri.startswith(("http://", "https://")):
-                lines += ["", f"![most drifted features]({recorded.plot_uri})"]
+            lines += inline_image(recorded.plot_uri, "most drifted features")
     lines += ["", "| feature | kind | test | statistic | p-value | PSI (noise) | effect | importance | drifted |",
               "|---|---|---|---|---|---|---|---|---|"]
     for f in report.features:

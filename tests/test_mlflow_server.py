@@ -1,7 +1,7 @@
 """The flows against a REAL `mlflow server` (what `make up` runs), not the embedded SQLite store.
 
-Two session-scoped servers on loopback: one on SQLite, one on PostgreSQL (one database per session,
-DESIGN.md §3). Both proxy artifacts (`--serve-artifacts`), so the flows upload and download every
+Two session-scoped servers on loopback: one on SQLite, one on PostgreSQL (one database per session:
+both servers run all their migrations on a new database). Both proxy artifacts (`--serve-artifacts`), so the flows upload and download every
 artifact over HTTP. A saved `MLflowConfig` document named "default" points the flows at a server;
 it is deleted after each test so other tests get the embedded default again.
 """
@@ -15,8 +15,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import pandas as pd
@@ -25,6 +27,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from blocks.mlflow_config import DEFAULT_DOCUMENT, MLflowConfig
+from flows.ab_testing import ab_test_results, create_ab_test, record_outcomes, score_batch
 from flows.registry import compare_versions, list_versions, promote_model, rollback_model
 from flows.training import train_model
 from tasks.demo_data import churn_frame
@@ -135,10 +138,9 @@ def mlflow_server_postgres(tmp_path_factory):
         admin.close()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def mlflow_server(request, state_dir):
-    """The flows pointed at one of the servers through a saved `default` MLflowConfig."""
-    server: MlflowServer = request.getfixturevalue(f"mlflow_server_{request.param}")
+@contextmanager
+def flows_pointed_at(server: MlflowServer) -> Iterator[MlflowServer]:
+    """The flows pointed at a server through a saved `default` MLflowConfig, for one test."""
     MLflowConfig(tracking_uri=server.url).save(DEFAULT_DOCUMENT, overwrite=True)
     try:
         yield server
@@ -148,6 +150,13 @@ def mlflow_server(request, state_dir):
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
         os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def mlflow_server(request, state_dir):
+    """The flows pointed at one of the servers."""
+    with flows_pointed_at(request.getfixturevalue(f"mlflow_server_{request.param}")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +242,26 @@ def test_promote_rollback_and_compare_on_the_server(mlflow_server, churn_files):
     for scores in comparison.scores_on_data.values():
         assert 0.6 < scores["roc_auc"] <= 1.0 and 0.5 < scores["accuracy"] <= 1.0
     assert comparison.scores_on_data["1"] != comparison.scores_on_data["2"]
+
+
+def test_the_ab_artifact_shows_the_lift_plot_inline(mlflow_server_sqlite, state_dir, churn_files):
+    """Like the drift check's plot: with an MLflow server the Prefect UI shows the image."""
+    from prefect.artifacts import Artifact
+
+    with flows_pointed_at(mlflow_server_sqlite) as server:
+        name = unique_name(server)
+        train_model(str(churn_files["first"]), "churn", name, **FAST)
+        train_model(str(churn_files["second"]), "churn", name, **FAST)
+        test_id = create_ab_test(name, traffic_split=0.5)
+        rows = pd.read_csv(churn_files["evaluation"]).drop(columns=["churn"])
+        rows.insert(0, "customer_id", [f"c{i}" for i in range(len(rows))])
+        score_batch(name, rows, "customer_id")
+        record_outcomes(test_id, pd.DataFrame({"customer_id": rows.customer_id,
+                                               "converted": [i % 3 == 0 for i in range(len(rows))]}),
+                        "customer_id", "converted")
+        results = ab_test_results(test_id)
+        markdown = Artifact.get(f"ab-{test_id}").data
+        image = f"![lift and confidence sequence over time]({results.plot_uri})"
+        assert results.plot_uri.startswith(f"{server.url}/get-artifact?") and image in markdown
+        status, body = _get(results.plot_uri, timeout=30)
+        assert status == 200 and body.startswith(b"\x89PNG")
