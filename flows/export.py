@@ -1,6 +1,6 @@
 """export_model: load a version → validate formats and sample → per format: capability check,
 convert, parity gate, latency → publish with the version (MLflow, S3, manifest, edge bundle) →
-table artifact and event. The seed's `export_best_model(format=..., sample_data=X)`.
+table artifact and event. It takes the place of `export_best_model(format=..., sample_data=X)`.
 
 Formats: onnx (skl2onnx → onnxruntime), pmml (sklearn2pmml → JPMML-Evaluator; needs Java, AGPL),
 tflite (ai-edge-litert) and coreml (spec evaluated on Linux), or "edge": every device

@@ -188,10 +188,10 @@ def test_lifecycle_step_exports_the_champion_with_an_edge_bundle_and_a_table(mod
         for path, digest in listed.items():
             assert hashlib.sha256(zf.read(path)).hexdigest() == digest
     assert set(inner["formats"]) == {"onnx", "tflite", "coreml"}  # device formats only
-    assert "onnx/churn-linear-v1.onnx" in listed and "pmml" not in inner["formats"]
-    for fmt in ("tflite", "coreml"):  # registered; unsupported until their issues land
-        assert inner["formats"][fmt]["status"] in ("ok", "unsupported", "failed")
-        assert inner["formats"][fmt]["status"] == "ok" or inner["formats"][fmt]["reason"]
+    for fmt in ("onnx", "tflite", "coreml"):  # each carries the linear churn model
+        assert inner["formats"][fmt]["status"] == "ok", inner["formats"][fmt]["reason"]
+    assert set(listed) == {"onnx/churn-linear-v1.onnx", "tflite/churn-linear-v1.tflite",
+                           "coreml/churn-linear-v1.mlmodel"}
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
@@ -251,7 +251,8 @@ def test_without_java_pmml_fails_with_the_fix_and_onnx_goes_on(models, tmp_path,
 
 
 def test_a_model_onnx_cannot_carry_is_unsupported_with_the_reason(models, home):
-    """HistGradientBoosting with native categoricals: ONNX would be silently wrong (DESIGN §3)."""
+    """HistGradientBoosting with native categoricals: skl2onnx converts it without an error and
+    the file predicts wrongly, so ONNX refuses it; TensorFlow Lite takes one-hot inputs only."""
     from sklearn.compose import ColumnTransformer
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.pipeline import Pipeline
@@ -281,7 +282,8 @@ def test_a_model_onnx_cannot_carry_is_unsupported_with_the_reason(models, home):
     onnx = report.result("onnx")
     assert onnx.status == "unsupported" and onnx.path is None and onnx.sha256 is None
     assert "native categorical features" in onnx.reason and "categorical_features=None" in onnx.reason
-    assert report.result("tflite").status in ("unsupported", "failed", "ok")
+    tflite = report.result("tflite")
+    assert tflite.status == "unsupported" and "native categorical features" in tflite.reason
     assert read_manifest(run.info.run_id)["formats"]["onnx"]["status"] == "unsupported"
     with pytest.raises(ExportError, match="is unsupported: .*native categorical"):
         download_export("native_cats", 1, "onnx")

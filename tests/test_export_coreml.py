@@ -1,4 +1,4 @@
-"""Core ML export (issue 6): every family train_model produces, on bundled data, through the
+"""Core ML export: every family train_model produces, on bundled data, through the
 framework's parity gate; the spec walker against hand-built specs with known outputs; tree
 thresholds at their exact boundaries; one export through the flow."""
 from __future__ import annotations

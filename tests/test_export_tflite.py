@@ -1,4 +1,4 @@
-"""TensorFlow Lite export (issue 5): every family train_model produces, on real bundled data
+"""TensorFlow Lite export: every family train_model produces, on real bundled data
 (churn: numeric + categorical, binary; iris: multiclass; diabetes: regression), run in LiteRT
 through the framework's parity gate; quantized variants within their bounds or refused; the
 input contract in the manifest and in the file; float32/float64 threshold semantics; strategies

@@ -72,27 +72,28 @@ def test_unknown_formats_are_refused_with_the_choices(formats, message):
 def test_a_registered_format_whose_module_has_not_landed_is_unsupported(linear, monkeypatch):
     monkeypatch.setitem(FORMATS, "holo", ExporterEntry(
         "holo", "Hologram", "tasks.export.holo:HoloExporter", device=True,
-        pending="the Hologram exporter is not available yet (issue 99)"))
+        pending="the Hologram exporter is not installed"))
     exporter = load_exporter("holo")
     assert isinstance(exporter, PendingExporter) and exporter.device
     capability = exporter.check(linear)
-    assert not capability.supported and capability.reason.endswith("not available yet (issue 99)")
+    assert not capability.supported and capability.reason == "the Hologram exporter is not installed"
     assert "holo" in plan_formats("edge").formats
 
 
-def test_tflite_and_coreml_are_registered_as_device_formats(linear):
-    import importlib.util
+def test_tflite_and_coreml_are_device_formats_served_by_their_own_exporters(linear):
+    from tasks.export.coreml import CoreMLExporter
+    from tasks.export.tflite import TFLiteExporter
 
-    for fmt, issue in (("tflite", "issue 5"), ("coreml", "issue 6")):
-        assert FORMATS[fmt].device
-        if importlib.util.find_spec(f"tasks.export.{fmt}") is None:  # until its issue lands
-            exporter = load_exporter(fmt)
-            assert isinstance(exporter, PendingExporter)
-            assert f"not available yet ({issue})" in exporter.check(linear).reason
+    for fmt, cls in (("tflite", TFLiteExporter), ("coreml", CoreMLExporter)):
+        assert FORMATS[fmt].device and fmt in plan_formats("edge").formats
+        exporter = load_exporter(fmt)
+        assert type(exporter) is cls, f"{fmt} resolved to {type(exporter).__name__}"
+        assert exporter.check(linear).supported, exporter.check(linear).reason
 
 
 def test_importing_the_export_flow_imports_no_converter():
-    """Fast imports (DESIGN.md §2): converters load inside the exporter that needs them."""
+    """Converters load inside the exporter that needs them: importing the export flow, its tasks
+    and every exporter imports none of them (they take seconds)."""
     import subprocess
 
     heavy = ["skl2onnx", "onnxruntime", "sklearn2pmml", "jpmml_evaluator", "py4j", "tensorflow",

@@ -1,7 +1,7 @@
 """The exporter interface and the registry of formats (no Prefect, no converter imports).
 
 One exporter per format, behind one small interface, so a new format plugs in without touching
-the flow (DESIGN.md §1, issue 4):
+the flow:
 
     class MyExporter(Exporter):
         format = "tflite"; title = "TensorFlow Lite"; device = True; suffix = ".tflite"
@@ -13,12 +13,14 @@ the flow (DESIGN.md §1, issue 4):
         def runner(self, subject, conversion) -> Runner  # runs or evaluates the file for parity/latency
         def library_versions(self) -> dict[str, str]     # what the manifest records
 
-The registry (`FORMATS`) names each format's class as "module:Class". A format whose module does
-not exist yet (TFLite, Core ML today) resolves to a `PendingExporter` that reports `unsupported`
-with "not available yet"; adding `tasks/export/tflite.py` with `class TFLiteExporter(Exporter)`
-is all it takes for `formats=["tflite"]` and `"edge"` to pick it up. Converters (skl2onnx,
-sklearn2pmml, tensorflow, coremltools) are imported inside the methods that need them, never at
-module top level (fast imports rule).
+The registry (`FORMATS`) names each format's class as "module:Class": ONNX, PMML, TensorFlow
+Lite and Core ML, each in its own module under tasks/export/. A registered format whose module
+cannot be found resolves to a `PendingExporter`, which reports every model `unsupported` with the
+entry's `pending` reason, so registering a format and its module can land separately; adding
+`tasks/export/<format>.py` with the named class is all it takes for `formats=[...]` and, for a
+device format, `"edge"` to pick it up. Converters (skl2onnx, sklearn2pmml, the LiteRT schema,
+coremltools) are imported inside the methods that need them, never at module top level, so
+importing the flow stays fast.
 """
 from __future__ import annotations
 
@@ -203,7 +205,7 @@ class ExporterEntry:
     title: str
     target: str  # "module:Class"
     device: bool
-    pending: str  # what to say while the module does not exist
+    pending: str  # the reason reported when the module cannot be found
 
 
 FORMATS: dict[str, ExporterEntry] = {}
@@ -219,15 +221,15 @@ for _entry in (
     ExporterEntry("pmml", "PMML", "tasks.export.pmml:PmmlExporter", device=False,
                   pending="the PMML exporter is not installed"),
     ExporterEntry("tflite", "TensorFlow Lite", "tasks.export.tflite:TFLiteExporter", device=True,
-                  pending="the TensorFlow Lite exporter is not available yet (issue 5)"),
+                  pending="the TensorFlow Lite exporter is not installed"),
     ExporterEntry("coreml", "Core ML", "tasks.export.coreml:CoreMLExporter", device=True,
-                  pending="the Core ML exporter is not available yet (issue 6)"),
+                  pending="the Core ML exporter is not installed"),
 ):
     register_exporter(_entry)
 
 
 class PendingExporter(Exporter):
-    """Stands in for a registered format whose module has not landed: always unsupported."""
+    """Stands in for a registered format whose module cannot be found: always unsupported."""
 
     def __init__(self, entry: ExporterEntry):
         self.entry = entry
@@ -246,7 +248,7 @@ class PendingExporter(Exporter):
 
 
 def load_exporter(fmt: str) -> Exporter:
-    """The exporter of a registered format (a PendingExporter while its module is absent)."""
+    """The exporter of a registered format (a PendingExporter when its module is absent)."""
     entry = FORMATS.get(fmt)
     if entry is None:
         raise ConfigurationError(f"unknown export format {fmt!r}; choose from "
@@ -292,6 +294,6 @@ def plan_formats(formats: str | list[str] | tuple[str, ...], quantize: bool = Fa
             if fmt not in ordered:
                 ordered.append(fmt)
     quantized = set(ordered) if quantize else set()
-    if edge:  # the seed's "always quantize for edge", where it applies
+    if edge:  # an edge bundle is always quantized, where a variant keeps parity
         quantized |= set(device_formats())
     return FormatPlan(tuple(ordered), edge, frozenset(quantized))

@@ -2,6 +2,7 @@
 carry, before anything is converted (plain functions, no converter imports)."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -46,6 +47,33 @@ def walk(obj: Any, path: str = "") -> Iterable[Step]:
     elif name == "ColumnTransformer":
         for step_name, step, _cols in getattr(obj, "transformers_", obj.transformers):
             yield from walk(step, f"{path}/{step_name}".strip("/"))
+
+
+def selects_no_column(columns: Any) -> bool:
+    """True for a ColumnTransformer branch's column selection that is empty (an empty list or
+    array, or a boolean mask with no True)."""
+    if isinstance(columns, (list, tuple)) or hasattr(columns, "__array__"):
+        values = np.asarray(columns)
+        return values.size == 0 or (values.dtype == bool and not values.any())
+    return False
+
+
+def without_empty_branches(pipeline: Any) -> Any:
+    """A copy of a fitted pipeline whose ColumnTransformer drops the branches that select no
+    column; it predicts exactly as the original.
+
+    train_model always builds a numeric and a categorical branch. On a table with only numeric
+    (or only string) columns the other branch selects nothing, and scikit-learn leaves its steps
+    unfitted; a converter that reads every branch (sklearn2pmml) refuses such a step ("OneHotEncoder
+    is not fitted"). As "drop" the branch is skipped by scikit-learn and by the converters alike.
+    """
+    twin = copy.deepcopy(pipeline)
+    steps = getattr(twin, "steps", None) or []
+    pre = steps[0][1] if len(steps) > 1 else None
+    if type(pre).__name__ == "ColumnTransformer" and hasattr(pre, "transformers_"):
+        pre.transformers_ = [(name, "drop" if selects_no_column(cols) else trans, cols)
+                             for name, trans, cols in pre.transformers_]
+    return twin
 
 
 def final_estimator(pipeline: Any) -> Any:

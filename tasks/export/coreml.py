@@ -1,4 +1,4 @@
-"""Core ML export (issue 6): the fitted pipeline as one Core ML pipeline spec that takes the raw
+"""Core ML export: the fitted pipeline as one Core ML pipeline spec that takes the raw
 columns, built with coremltools' spec builders and protobuf messages (coremltools 9.0 switches
 its scikit-learn converter off above scikit-learn 1.5.1; it is not used), and verified on
 Linux by evaluating the saved `.mlmodel` with `tasks.export.coreml_eval`: Core ML itself runs

@@ -1,4 +1,4 @@
-"""Evaluate a saved Core ML model spec (`.mlmodel`) with NumPy, where Core ML cannot run (issue 6).
+"""Evaluate a saved Core ML model spec (`.mlmodel`) with NumPy, where Core ML cannot run.
 
 Core ML's runtime exists only on Apple platforms, so on Linux the export's parity gate runs this
 walker over the saved protobuf instead: pipeline → feature vectorizer → imputer / scaler /

@@ -1,11 +1,11 @@
 """The parity gate: an exported file against the scikit-learn model on the same rows (pure).
 
-Reference. scikit-learn on the sample rows as given (numeric float64), i.e. what the model does
-on the data it will face. The issue asked for "the same float32-cast inputs"; measured here,
-that moves the reference rather than the export: HistGradientBoosting thresholds are data values
-(19.85), float32(19.85) = 19.850000381 > 19.85, so scikit-learn itself answers differently on
-float32-cast rows (54 of 2,043 churn rows, up to 0.2 in probability) while the ONNX file,
-comparing float32 with float32 thresholds, matches scikit-learn on the real rows to 2e-7.
+Reference. scikit-learn on the sample rows as given (numeric float64), i.e. what the model does on
+the data it will face, not scikit-learn on float32-cast copies of them; measured here, a
+float32-cast reference moves the reference rather than the export: HistGradientBoosting thresholds
+are data values (19.85), float32(19.85) = 19.850000381 > 19.85, so scikit-learn itself answers
+differently on float32-cast rows (54 of 2,043 churn rows, up to 0.2 in probability) while the ONNX
+file, comparing float32 with float32 thresholds, matches scikit-learn on the real rows to 2e-7.
 Random forests cast to float32 internally, linear models barely move: for them both references
 agree.
 

@@ -17,7 +17,6 @@ figures include the py4j round trip (an in-JVM caller is faster).
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import os
 import re
@@ -32,7 +31,7 @@ import pandas as pd
 
 from tasks.export.base import (Capability, Conversion, ExportError, Exporter, ExportSubject,
                                Prediction, Runner)
-from tasks.export.capability import CONVERTER_ESTIMATORS, check_pipeline
+from tasks.export.capability import CONVERTER_ESTIMATORS, check_pipeline, without_empty_branches
 from tasks.export.onnx import _versions
 
 ESTIMATORS = CONVERTER_ESTIMATORS
@@ -116,7 +115,9 @@ class PmmlExporter(Exporter):
         java = find_java()
         if java is None:
             raise ExportError(f"Java not found; {JAVA_FIX.format(min=MIN_JAVA)}")
-        pipeline = copy.deepcopy(subject.pipeline)  # sklearn2pmml escapes steps in place
+        # a copy (sklearn2pmml escapes steps in place) without the branches that select no
+        # column: their steps were never fitted and the converter would refuse them
+        pipeline = without_empty_branches(subject.pipeline)
         pre = pipeline.steps[0][1] if len(pipeline.steps) > 1 else None
         columns = [str(c) for c in getattr(pre, "feature_names_in_", subject.schema.columns)]
         wrapped = make_pmml_pipeline(pipeline, active_fields=columns,

@@ -1,4 +1,5 @@
-"""Results of export_model (DESIGN.md §5): add fields, never rename them."""
+"""Results of export_model. They are a public contract (Python callers, the HTTP API): add
+fields, never rename them."""
 from __future__ import annotations
 
 from typing import Literal

@@ -1,4 +1,4 @@
-"""TensorFlow Lite export of scikit-learn pipelines, run with LiteRT (issue 5).
+"""TensorFlow Lite export of scikit-learn pipelines, run with LiteRT.
 
 The graph is written by `tasks.export.tflite_graph` (pure: numpy + the flatbuffer schema that ships
 with `ai-edge-litert`); this module is the exporter the framework loads: capability check,
@@ -24,7 +24,7 @@ Quantization touches weights only (linear coefficients, tree leaf values): float
 (symmetric, dequantized once at load — TFLite's dynamic-range scheme for constant weights).
 Thresholds, feature indices, child links, path matrices and one-hot codes are never quantized:
 they are float32/int32/int64 by construction (int8 on comparison tensors flipped 39 of 143
-labels in an early probe, DESIGN.md §3). Candidates are tried smallest first against the parity
+labels in an early probe). Candidates are tried smallest first against the parity
 bound of their precision; a variant that is not smaller than float32 (linear models: a few hundred
 bytes of weights) is not offered, and when none passes, float32 is published and the report says
 why.

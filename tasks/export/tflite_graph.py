@@ -1,13 +1,13 @@
 """Scikit-learn pipelines as TensorFlow Lite graphs (pure: numpy and the LiteRT flatbuffer schema).
 
-No maintained converter turns a scikit-learn pipeline into TFLite (DESIGN.md §3), and TensorFlow's
-own converter would have to be handed a TF graph first and then talked out of quantizing the wrong
-tensors. This module writes the `.tflite` flatbuffer directly with the schema that ships in
-`ai_edge_litert`, which gives exact control over every tensor's type: comparison tensors
-(thresholds, feature indices, child links, path matrices, one-hot codes) are float32/int32/int64
-by construction and never pass through a quantizer. TensorFlow is not needed at all; operator
-versions and the minimum runtime are the ones TensorFlow's converter writes for the same operators
-(checked by tests/test_export_tflite.py).
+No maintained converter turns a scikit-learn pipeline into TFLite (onnx-tf lacks the ai.onnx.ml
+operators trees and linear models become), and TensorFlow's own converter would have to be handed
+a TF graph first and then talked out of quantizing the wrong tensors. This module writes the
+`.tflite` flatbuffer directly with the schema that ships in `ai_edge_litert`, which gives exact
+control over every tensor's type: comparison tensors (thresholds, feature indices, child links,
+path matrices, one-hot codes) are float32/int32/int64 by construction and never pass through a
+quantizer. TensorFlow is not needed at all; operator versions and the minimum runtime are the ones
+TensorFlow's converter writes for the same operators (checked by tests/test_export_tflite.py).
 
 Three steps, each a plain function:
 
