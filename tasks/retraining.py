@@ -298,7 +298,7 @@ def retraining_slot(model_name: str) -> Iterator[str]:
     The limit is created on first use; a crashed holder's lease expires after SLOT_LEASE_S.
     """
     from prefect.client.orchestration import get_client
-    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists
 
