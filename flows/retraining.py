@@ -1,7 +1,6 @@
-"""Automated retraining (DESIGN.md §5): should_retrain, retrain_model, retraining_check,
-retraining_history. The seed's `should_retrain("my_model")`, `retrain_model(name, X_new, y_new,
-reason=reason)` and `create_retraining_schedule()` (here: the `retraining-check/default`
-deployment in prefect.yaml, cron 02:00 and a trigger on `mlops.model.drift-detected`).
+"""Automated retraining: should_retrain, retrain_model, retraining_check, retraining_history.
+The schedule is the `retraining-check/default` deployment in prefect.yaml (cron 02:00 and a
+trigger on `mlops.model.drift-detected`).
 
 retrain_model: hold the model's slot → load the labelled data → check it against the champion →
 split a gate slice off the rows the champion never saw → train a challenger on the rest (the

@@ -32,8 +32,8 @@ class Signal(BaseModel):
 
 
 class RetrainDecision(BaseModel):
-    """The result of should_retrain (DESIGN.md §5). Unpacks as the seed's tuple:
-    ``should, reason, metrics = should_retrain("my_model")``."""
+    """The result of should_retrain. Also unpacks as a tuple, for callers written against the
+    first interface: ``should, reason, metrics = should_retrain("my_model")``."""
 
     should_retrain: bool
     reasons: list[str] = Field(default_factory=list)
@@ -51,7 +51,7 @@ class RetrainDecision(BaseModel):
         return {s.name: s.value for s in self.signals}
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        # the seed's `(should_retrain, reason, metrics)`; model_dump() still gives every field
+        # `(should_retrain, reason, metrics)`; model_dump() still gives every field
         return iter((self.should_retrain, self.reason, self.metrics))
 
     # dict(decision) goes through keys()/__getitem__ (the mapping protocol) rather than
@@ -64,7 +64,7 @@ class RetrainDecision(BaseModel):
 
 
 class RetrainResult(BaseModel):
-    """One retraining (DESIGN.md §5; fields after `decision` are extra)."""
+    """One retraining (the fields up to `decision` are the public contract; later ones extra)."""
 
     model_name: str
     trigger: Trigger
