@@ -9,6 +9,7 @@ transaction that restores the champion if anything after the alias move fails â†
 """
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timezone
 from typing import Literal
@@ -201,9 +202,9 @@ def _decide_promotion(result: RetrainResult, settings: RetrainingPolicy, gate_pa
                        f"{result.model_name} (conclude it first)")
         return
     if settings.require_approval:
-        timeout = int(settings.approval_timeout_hours * 3600)
+        timeout = max(1, math.ceil(settings.approval_timeout_hours * 3600))
         get_run_logger().warning(
-            "waiting up to %.1f h for a person to approve v%s (Prefect UI: Resume this run)",
+            "waiting up to %g h for a person to approve v%s (Prefect UI: Resume this run)",
             settings.approval_timeout_hours, result.challenger_version)
         create_markdown_artifact(
             key=f"retraining-approval-{model_slug(result.model_name)}",
@@ -214,8 +215,10 @@ def _decide_promotion(result: RetrainResult, settings: RetrainingPolicy, gate_pa
             answer = pause_flow_run(wait_for_input=PromotionApproval, timeout=timeout,
                                     poll_interval=APPROVAL_POLL_S)
         except FlowPauseTimeout:
-            result.decision = "rejected_by_approver"
-            result.why += f"; not approved within {settings.approval_timeout_hours} h"
+            _resume_after_pause_timeout(result)
+            result.decision = "approval_timed_out"
+            result.why += (f"; not approved within approval_timeout_hours "
+                           f"{settings.approval_timeout_hours:g} h")
             return
         result.approved_by = answer.reviewer or "(unnamed)"
         if not answer.approve:
@@ -225,6 +228,25 @@ def _decide_promotion(result: RetrainResult, settings: RetrainingPolicy, gate_pa
             return
         result.why += f"; approved by {result.approved_by}" + (f": {answer.note}" if answer.note else "")
     result.decision, result.promoted = "promoted", True
+
+
+def _resume_after_pause_timeout(result: RetrainResult) -> None:
+    """Put this run back to Running after its approval wait timed out.
+
+    A Prefect pause timeout means "fail the run": once the pause has expired the server turns
+    any later state of the run into Failed ("The flow was paused and never resumed"). For us the
+    timeout is a decision (not promoted), which the run must still record and end Completed
+    with. Prefect has no way to resume at the timeout instead (PrefectHQ/prefect#11683 proposes
+    one); until it does, the run moves itself out of the expired pause with the public client.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+    from prefect.states import Running
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Running(
+            message=f"approval of v{result.challenger_version} timed out: not promoted"),
+            force=True)
 
 
 def _finish(result: RetrainResult, started: float, gate_path: str | None,

@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field
 from tasks.training_search import greater_is_better
 
 Trigger = Literal["schedule", "event", "manual"]
-Decision = Literal["promoted", "not_promoted", "held_ab_test", "rejected_by_approver", "failed"]
+Decision = Literal["promoted", "not_promoted", "held_ab_test", "rejected_by_approver",
+                   "approval_timed_out", "failed"]
 
 
 class Signal(BaseModel):

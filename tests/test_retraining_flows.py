@@ -33,9 +33,9 @@ from flows.retraining import (RetrainDecision, RetrainingInProgressError, Retrai
 from flows.training import train_model
 from tasks.demo_data import churn_frame
 from tasks.errors import ConfigurationError, DataError, ModelNotFoundError
-from tasks.registry import alias_map, mlflow_client, read_alias_history
+from tasks.registry import alias_map, mlflow_client, model_slug, read_alias_history
 from tasks.retraining import retraining_slot
-from tests.test_drift_flows import read_events
+from tests.test_drift_flows import read_artifacts, read_events
 
 BUDGET = 4
 
@@ -267,6 +267,37 @@ def test_with_approval_required_a_person_decides_in_the_ui(base, model, approve)
         assert result.decision == "rejected_by_approver" and not result.promoted
         assert "rejected by ana: looked at the gate table" in result.why
         assert alias_map(mlflow_client(), model) == {"champion": 1, "challenger": 2}
+
+
+def test_an_approval_nobody_gives_in_time_is_recorded_as_timed_out(base, model):
+    save_policy(model, require_approval=True, approval_timeout_hours=0.001)  # 3.6 s
+    outcome: list[object] = []
+
+    def run():
+        try:
+            outcome.append(retrain_model(model, base.labelled(model), "churn"))
+        except Exception as exc:  # collected and asserted below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    paused = _paused_run(model)  # really paused, and nobody resumes it
+    worker.join(timeout=180)
+    [result] = outcome
+    assert isinstance(result, RetrainResult), result
+    assert result.decision == "approval_timed_out" and not result.promoted
+    assert "not approved within approval_timeout_hours 0.001" in result.why
+    assert result.approved_by is None
+    assert alias_map(mlflow_client(), model) == {"champion": 1, "challenger": 2}
+
+    # the run goes on after the wait and ends Completed; history and the UI say what happened
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(paused.id).state
+    assert state.is_completed(), state
+    [record] = retraining_history(model)
+    assert record.decision == "approval_timed_out"
+    [artifact] = read_artifacts(f"retraining-{model_slug(model)}")
+    assert artifact.data.startswith(f"## {model}: approval timed out")
 
 
 # --------------------------------------------------------------------------- the check
