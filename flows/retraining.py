@@ -29,7 +29,7 @@ from tasks.alerts import dispatch, retraining_alert
 from tasks.data import DataRef
 from tasks.events import emit_model_event
 from tasks.registry import alias_map, mlflow_client, model_slug, validate_model_name
-from tasks.retraining import (RetrainingInProgressError, active_ab_tests, find_unseen,
+from tasks.retraining import (RetrainingInProgressError, active_ab_tests, data_drift, find_unseen,
                               history_table, hours_since_last, keep_as_challenger,
                               latest_drift, load_champion, load_history, load_labelled, mark_seen,
                               plan_gate, production_metric, promote_champion, read_schema,
@@ -64,12 +64,13 @@ def should_retrain(model_name: str, data: DataRef | None = None, target: str | N
                    policy: str | None = None) -> RetrainDecision:
     """Whether the champion should be retrained now, why, and every signal beside its threshold.
 
-    Triggers (any one): the newest check_drift of the champion above the MonitoringPolicy's
-    drift_threshold; the champion's primary metric on labelled rows it never saw worse than the
-    floor; the champion older than max_model_age_days. Requirements (each): at least
-    min_new_rows labelled rows the champion has not seen; cooldown_hours since the last
-    retraining. data/target: the labelled data (default: the RetrainingPolicy's).
-    Unpacks as `(should_retrain, reason, metrics)`.
+    Triggers (any one; every one that fired is a reason): the newest check_drift of the champion
+    above the MonitoringPolicy's drift_threshold; the drift of the labelled rows the champion
+    never saw against its training profile above that threshold; the champion's primary metric
+    on those rows worse than the floor; the champion older than max_model_age_days.
+    Requirements (each): at least min_new_rows labelled rows the champion has not seen;
+    cooldown_hours since the last retraining. data/target: the labelled data (default: the
+    RetrainingPolicy's training_data and target). Unpacks as `(should_retrain, reason, metrics)`.
     """
     validate_model_name(model_name)
     settings = _policy(model_name, policy)
@@ -82,12 +83,15 @@ def should_retrain(model_name: str, data: DataRef | None = None, target: str | N
         view = find_unseen(load_labelled(data), target or champion.target, champion)
 
     drift_score, drift_detail = latest_drift(champion)
+    data_drift_score, data_drift_detail = data_drift(champion, view, monitoring)
     value, value_detail = production_metric(champion, view)
     floor = metric_floor(champion.metric, champion.holdout.get(champion.metric),
                          settings.min_production_metric, monitoring.max_relative_degradation)
     age_days = (datetime.now(timezone.utc) - champion.created_at).total_seconds() / 86400
     signals = [
         drift_signal(drift_score, monitoring.drift_threshold, drift_detail),
+        drift_signal(data_drift_score, monitoring.drift_threshold, data_drift_detail,
+                     "data_drift_score"),
         metric_signal(champion.metric, value, floor, value_detail),
         age_signal(age_days, settings.max_model_age_days),
         rows_signal(None if view is None else view.n_unseen, settings.min_new_rows,

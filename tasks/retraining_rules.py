@@ -107,9 +107,11 @@ def metric_floor(metric: str, holdout: float | None, min_production_metric: floa
     return holdout - step if greater_is_better(metric) else holdout + step
 
 
-def drift_signal(score: float | None, threshold: float, detail: str) -> Signal:
+def drift_signal(score: float | None, threshold: float, detail: str,
+                 name: str = "drift_score") -> Signal:
+    """drift_score: the newest recorded check_drift; data_drift_score: the rows given now."""
     fired = score is not None and score > threshold
-    return Signal(name="drift_score", role="trigger", value=score, threshold=threshold,
+    return Signal(name=name, role="trigger", value=score, threshold=threshold,
                   evaluated=score is not None, fired=fired, detail=detail)
 
 
@@ -152,6 +154,10 @@ def sentence(s: Signal) -> str:
     if s.name == "drift_score":
         rel = ">" if s.fired else "<="
         return f"drift score {_fmt(s.value)} {rel} drift_threshold {_fmt(s.threshold)}"
+    if s.name == "data_drift_score":
+        rel = ">" if s.fired else "<="
+        return (f"data drift score {_fmt(s.value)} {rel} drift_threshold {_fmt(s.threshold)} "
+                f"({s.detail})")
     if s.name.startswith("production_"):
         rel = "worse than" if s.fired else "within"
         return f"{s.name[len('production_'):]} {_fmt(s.value)} on unseen labelled rows is {rel} " \

@@ -7,6 +7,7 @@ MLflow.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -78,7 +79,6 @@ def base(tmp_path_factory):
 @pytest.fixture
 def model(base, request):
     """A fresh registered model whose champion (v1) is the module's weak base model."""
-    import re
 
     name = "rt_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.removeprefix("test_").lower())[-44:]
     register_model(name, model_uri=base.model_uri, run_id=base.run_id)
@@ -325,6 +325,46 @@ def test_drift_makes_the_check_retrain_with_the_policy_data_and_the_cooldown_hol
     assert any(r.startswith("blocked: last retraining") and "< cooldown_hours 6" in r
                for r in again.reasons)
     assert len(retraining_history(model)) == 1
+
+
+# --------------------------------------------------------------------------- drift of given rows
+def energy_demand(season: str, n: int, seed: int) -> pd.DataFrame:
+    """Daily energy demand of a town: heating below 18 degrees, cooling above."""
+    rng = np.random.default_rng(seed)
+    winter = season == "winter"
+    temp = rng.normal(2.0, 4.0, n) if winter else rng.normal(27.0, 3.0, n)
+    humidity = rng.normal(80.0, 6.0, n) if winter else rng.normal(55.0, 8.0, n)
+    demand = np.where(temp < 18, 3.0 * (18 - temp), 4.0 * (temp - 18)) + rng.normal(0, 2.0, n)
+    return pd.DataFrame({"temp": temp.round(2), "humidity": humidity.round(1),
+                         "demand": demand.round(2)})
+
+
+def test_summer_rows_given_to_a_winter_model_report_their_drift_beside_the_fallen_metric(
+        state_dir, tmp_path):
+    winter, summer = tmp_path / "winter.csv", tmp_path / "summer.csv"
+    energy_demand("winter", 400, seed=1).to_csv(winter, index=False)
+    energy_demand("summer", 300, seed=2).to_csv(summer, index=False)
+    name = "rt_energy_demand"
+    train_model(str(winter), "demand", name, time_budget_s=BUDGET, candidates=["linear"])
+    save_policy(name, max_model_age_days=1e-6)  # the age trigger fires too
+
+    decision = should_retrain(name, str(summer), "demand")
+
+    signals = {s.name: s for s in decision.signals}
+    assert decision.should_retrain is True
+    # every trigger that fired is a reason: the drift of these rows, the metric, the age
+    assert [r.split(" ")[0] for r in decision.reasons] == ["data", "rmse", "champion"], \
+        decision.reasons
+    assert re.fullmatch(r"data drift score [\d.]+ > drift_threshold 0.3 \(on 300 labelled rows "
+                        r"v1 has not seen; drifted: .*temp.*\)", decision.reasons[0]), \
+        decision.reasons
+    assert signals["data_drift_score"].value > 0.9
+    assert signals["production_rmse"].fired and signals["model_age_days"].fired
+    # the comparison check_drift makes on the same rows, without recording a check
+    assert not signals["drift_score"].evaluated
+    report = check_drift(name, str(summer))
+    assert signals["data_drift_score"].value == pytest.approx(report.score)
+    assert signals["data_drift_score"].threshold == report.threshold
 
 
 # --------------------------------------------------------------------------- bad input
