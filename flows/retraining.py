@@ -76,7 +76,7 @@ def should_retrain(model_name: str, data: DataRef | None = None, target: str | N
     settings = _policy(model_name, policy)
     monitoring = resolve_monitoring_policy(settings.monitoring_policy)
     champion = load_champion(model_name)
-    if data is None and settings.training_data:
+    if data is None and settings.training_data and (target or settings.target):
         data, target = settings.training_data, target or settings.target
     view = None
     if data is not None:
@@ -98,7 +98,8 @@ def should_retrain(model_name: str, data: DataRef | None = None, target: str | N
                     "no labelled data" if view is None else view.how),
         cooldown_signal(hours_since_last(load_history(model_name, 20)), settings.cooldown_hours),
     ]
-    go, reasons = decide(signals, has_labelled_data=view is not None)
+    go, reasons = decide(signals, has_labelled_data=view is not None,
+                         no_data=settings.labelled_data_problem(model_name, policy))
     decision = RetrainDecision(should_retrain=go, reasons=reasons, signals=signals,
                                model_name=model_name, champion_version=champion.version,
                                checked_at=datetime.now(timezone.utc))
@@ -265,10 +266,19 @@ def retraining_check(model_name: str, trigger: Trigger = "schedule",
                      policy: str | None = None) -> RetrainResult | RetrainDecision:
     """Scheduled (02:00) and drift-event-triggered: should_retrain on the RetrainingPolicy's
     labelled data, then retrain_model when it says so. Returns the retraining, or the decision
-    when there was none."""
+    when there was none.
+
+    Without labelled data configured for the model there is nothing to retrain on: the run
+    reports the signals and what to configure, and ends Completed. An unknown model is an error.
+    """
     validate_model_name(model_name)
     settings = _policy(model_name, policy)
-    data, target = settings.labelled_data(model_name)
+    problem = settings.labelled_data_problem(model_name, policy)
+    if problem:
+        decision = should_retrain(model_name, policy=policy)
+        get_run_logger().warning("%s: nothing to retrain on -- %s", model_name, problem)
+        return decision
+    data, target = settings.training_data, settings.target
     decision = should_retrain(model_name, data, target, policy=policy)
     if not decision.should_retrain:
         return decision

@@ -17,6 +17,8 @@ from tasks.training_search import greater_is_better
 Trigger = Literal["schedule", "event", "manual"]
 Decision = Literal["promoted", "not_promoted", "held_ab_test", "rejected_by_approver",
                    "approval_timed_out", "failed"]
+NO_LABELLED_DATA = ("no labelled data to retrain on: set training_data and target in the "
+                    "RetrainingPolicy or pass data and target")
 
 
 class Signal(BaseModel):
@@ -176,13 +178,14 @@ def sentence(s: Signal) -> str:
     return f"{s.name} {_fmt(s.value)} (threshold {_fmt(s.threshold)})"
 
 
-def decide(signals: list[Signal], has_labelled_data: bool) -> tuple[bool, list[str]]:
-    """Retrain when a trigger fired and every requirement holds; the reasons say which."""
+def decide(signals: list[Signal], has_labelled_data: bool,
+           no_data: str | None = None) -> tuple[bool, list[str]]:
+    """Retrain when a trigger fired and every requirement holds; the reasons say which (every
+    trigger that fired). `no_data`: what to say, without labelled data, about configuring it."""
     fired = [s for s in signals if s.role == "trigger" and s.fired]
     unmet = [s for s in signals if s.role == "requirement" and not s.fired]
     if not has_labelled_data:
-        unmet_text = ["no labelled data to retrain on: set training_data and target in the "
-                      "RetrainingPolicy or pass data and target"]
+        unmet_text = [no_data or NO_LABELLED_DATA]
     else:
         unmet_text = [("blocked: " + sentence(s)) for s in unmet]
     if not fired:

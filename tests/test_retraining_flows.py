@@ -33,7 +33,7 @@ from flows.retraining import (RetrainDecision, RetrainingInProgressError, Retrai
                               retrain_model, retraining_check, retraining_history, should_retrain)
 from flows.training import train_model
 from tasks.demo_data import churn_frame
-from tasks.errors import ConfigurationError, DataError, ModelNotFoundError
+from tasks.errors import DataError, ModelNotFoundError
 from tasks.registry import alias_map, mlflow_client, model_slug, read_alias_history
 from tasks.retraining import retraining_slot
 from tests.test_drift_flows import read_artifacts, read_events
@@ -327,6 +327,32 @@ def test_drift_makes_the_check_retrain_with_the_policy_data_and_the_cooldown_hol
     assert len(retraining_history(model)) == 1
 
 
+def test_a_check_with_nothing_to_retrain_on_completes_and_says_what_to_configure(base, model,
+                                                                                 caplog):
+    # no RetrainingPolicy of this model and no 'default' one: no labelled data to retrain on
+    state = retraining_check(model, trigger="schedule", return_state=True)
+    assert state.is_completed(), state
+    decision = state.result()
+    assert isinstance(decision, RetrainDecision) and not decision.should_retrain
+    [hint] = [r for r in decision.reasons if r.startswith("no labelled data configured")]
+    assert f"for model {model!r}: the RetrainingPolicy lacks training_data and target" in hint
+    assert f".save({document_name(model)!r}, overwrite=True)" in hint
+    assert hint in caplog.text
+    [artifact] = read_artifacts(f"retraining-check-{document_name(model)}")
+    assert hint in artifact.data and artifact.description == "should_retrain: False"
+
+    # half a policy: the data but no target column
+    save_policy(model, training_data=base.labelled(model))
+    half = retraining_check(model, trigger="event")
+    assert isinstance(half, RetrainDecision) and not half.should_retrain
+    assert any("the RetrainingPolicy lacks target;" in r for r in half.reasons), half.reasons
+    assert versions(model) == [1] and retraining_history(model) == []
+
+    # a model that does not exist is still an error
+    with pytest.raises(ModelNotFoundError, match="no registered model named 'rt_nobody'"):
+        retraining_check("rt_nobody")
+
+
 # --------------------------------------------------------------------------- drift of given rows
 def energy_demand(season: str, n: int, seed: int) -> pd.DataFrame:
     """Daily energy demand of a town: heating below 18 degrees, cooling above."""
@@ -382,8 +408,6 @@ def test_bad_input_is_refused_before_anything_is_written(base, model):
         retrain_model(model, base.labelled(model), "tenure")
     with pytest.raises(ModelNotFoundError, match="no registered model named 'rt_nobody'"):
         retrain_model("rt_nobody", base.labelled(model), "churn")
-    with pytest.raises(ConfigurationError, match="no labelled data configured for model"):
-        retraining_check(model, trigger="event")
     assert (versions(model), alias_map(mlflow_client(), model)) == before
     assert retraining_history(model) == []
 
