@@ -77,15 +77,23 @@ class RetrainingPolicy(Block):
             raise ValueError("target must name a column, not be blank")
         return value
 
-    def labelled_data(self, model_name: str) -> tuple[str, str]:
-        """(training_data, target), or ConfigurationError saying where to configure them."""
-        if not self.training_data or not self.target:
-            missing = " and ".join(n for n, v in (("training_data", self.training_data),
-                                                   ("target", self.target)) if not v)
-            raise ConfigurationError(
-                f"no labelled data configured for model {model_name!r}: the RetrainingPolicy "
+    def labelled_data_problem(self, model_name: str, document: str | None = None) -> str | None:
+        """None when training_data and target are both set, else what is missing and how to
+        configure it (in `document`, default: the model's own document)."""
+        if self.training_data and self.target:
+            return None
+        missing = " and ".join(n for n, v in (("training_data", self.training_data),
+                                               ("target", self.target)) if not v)
+        return (f"no labelled data configured for model {model_name!r}: the RetrainingPolicy "
                 f"lacks {missing}; save one, e.g. RetrainingPolicy(training_data='s3://bucket/"
-                f"labels/', target='churn').save({document_name(model_name)!r})")
+                f"labels/', target='churn').save({document or document_name(model_name)!r}, "
+                "overwrite=True)")
+
+    def labelled_data(self, model_name: str, document: str | None = None) -> tuple[str, str]:
+        """(training_data, target), or ConfigurationError saying where to configure them."""
+        problem = self.labelled_data_problem(model_name, document)
+        if problem:
+            raise ConfigurationError(problem)
         return self.training_data, self.target
 
 

@@ -1,7 +1,6 @@
-"""Automated retraining (DESIGN.md §5): should_retrain, retrain_model, retraining_check,
-retraining_history. The seed's `should_retrain("my_model")`, `retrain_model(name, X_new, y_new,
-reason=reason)` and `create_retraining_schedule()` (here: the `retraining-check/default`
-deployment in prefect.yaml, cron 02:00 and a trigger on `mlops.model.drift-detected`).
+"""Automated retraining: should_retrain, retrain_model, retraining_check, retraining_history.
+The schedule is the `retraining-check/default` deployment in prefect.yaml (cron 02:00 and a
+trigger on `mlops.model.drift-detected`).
 
 retrain_model: hold the model's slot → load the labelled data → check it against the champion →
 split a gate slice off the rows the champion never saw → train a challenger on the rest (the
@@ -10,6 +9,7 @@ transaction that restores the champion if anything after the alias move fails �
 """
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timezone
 from typing import Literal
@@ -29,7 +29,7 @@ from flows.training import train_model
 from tasks.alerts import dispatch, retraining_alert
 from tasks.events import emit_model_event
 from tasks.registry import alias_map, mlflow_client, model_slug, validate_model_name
-from tasks.retraining import (RetrainingInProgressError, active_ab_tests, find_unseen,
+from tasks.retraining import (RetrainingInProgressError, active_ab_tests, data_drift, find_unseen,
                               history_table, hours_since_last, keep_as_challenger,
                               latest_drift, load_champion, load_history, load_labelled, mark_seen,
                               plan_gate, production_metric, promote_champion, read_schema,
@@ -64,37 +64,42 @@ def should_retrain(model_name: str, data: DataRef | None = None, target: str | N
                    policy: str | None = None) -> RetrainDecision:
     """Whether the champion should be retrained now, why, and every signal beside its threshold.
 
-    Triggers (any one): the newest check_drift of the champion above the MonitoringPolicy's
-    drift_threshold; the champion's primary metric on labelled rows it never saw worse than the
-    floor; the champion older than max_model_age_days. Requirements (each): at least
-    min_new_rows labelled rows the champion has not seen; cooldown_hours since the last
-    retraining. data/target: the labelled data (default: the RetrainingPolicy's).
-    Unpacks as `(should_retrain, reason, metrics)`.
+    Triggers (any one; every one that fired is a reason): the newest check_drift of the champion
+    above the MonitoringPolicy's drift_threshold; the drift of the labelled rows the champion
+    never saw against its training profile above that threshold; the champion's primary metric
+    on those rows worse than the floor; the champion older than max_model_age_days.
+    Requirements (each): at least min_new_rows labelled rows the champion has not seen;
+    cooldown_hours since the last retraining. data/target: the labelled data (default: the
+    RetrainingPolicy's training_data and target). Unpacks as `(should_retrain, reason, metrics)`.
     """
     validate_model_name(model_name)
     settings = _policy(model_name, policy)
     monitoring = resolve_monitoring_policy(settings.monitoring_policy)
     champion = load_champion(model_name)
-    if data is None and settings.training_data:
+    if data is None and settings.training_data and (target or settings.target):
         data, target = settings.training_data, target or settings.target
     view = None
     if data is not None:
         view = find_unseen(load_labelled(data), target or champion.target, champion)
 
     drift_score, drift_detail = latest_drift(champion)
+    data_drift_score, data_drift_detail = data_drift(champion, view, monitoring)
     value, value_detail = production_metric(champion, view)
     floor = metric_floor(champion.metric, champion.holdout.get(champion.metric),
                          settings.min_production_metric, monitoring.max_relative_degradation)
     age_days = (datetime.now(timezone.utc) - champion.created_at).total_seconds() / 86400
     signals = [
         drift_signal(drift_score, monitoring.drift_threshold, drift_detail),
+        drift_signal(data_drift_score, monitoring.drift_threshold, data_drift_detail,
+                     "data_drift_score"),
         metric_signal(champion.metric, value, floor, value_detail),
         age_signal(age_days, settings.max_model_age_days),
         rows_signal(None if view is None else view.n_unseen, settings.min_new_rows,
                     "no labelled data" if view is None else view.how),
         cooldown_signal(hours_since_last(load_history(model_name, 20)), settings.cooldown_hours),
     ]
-    go, reasons = decide(signals, has_labelled_data=view is not None)
+    go, reasons = decide(signals, has_labelled_data=view is not None,
+                         no_data=settings.labelled_data_problem(model_name, policy))
     decision = RetrainDecision(should_retrain=go, reasons=reasons, signals=signals,
                                model_name=model_name, champion_version=champion.version,
                                checked_at=datetime.now(timezone.utc))
@@ -202,9 +207,9 @@ def _decide_promotion(result: RetrainResult, settings: RetrainingPolicy, gate_pa
                        f"{result.model_name} (conclude it first)")
         return
     if settings.require_approval:
-        timeout = int(settings.approval_timeout_hours * 3600)
+        timeout = max(1, math.ceil(settings.approval_timeout_hours * 3600))
         get_run_logger().warning(
-            "waiting up to %.1f h for a person to approve v%s (Prefect UI: Resume this run)",
+            "waiting up to %g h for a person to approve v%s (Prefect UI: Resume this run)",
             settings.approval_timeout_hours, result.challenger_version)
         create_markdown_artifact(
             key=f"retraining-approval-{model_slug(result.model_name)}",
@@ -215,8 +220,10 @@ def _decide_promotion(result: RetrainResult, settings: RetrainingPolicy, gate_pa
             answer = pause_flow_run(wait_for_input=PromotionApproval, timeout=timeout,
                                     poll_interval=APPROVAL_POLL_S)
         except FlowPauseTimeout:
-            result.decision = "rejected_by_approver"
-            result.why += f"; not approved within {settings.approval_timeout_hours} h"
+            _resume_after_pause_timeout(result)
+            result.decision = "approval_timed_out"
+            result.why += (f"; not approved within approval_timeout_hours "
+                           f"{settings.approval_timeout_hours:g} h")
             return
         result.approved_by = answer.reviewer or "(unnamed)"
         if not answer.approve:
@@ -226,6 +233,25 @@ def _decide_promotion(result: RetrainResult, settings: RetrainingPolicy, gate_pa
             return
         result.why += f"; approved by {result.approved_by}" + (f": {answer.note}" if answer.note else "")
     result.decision, result.promoted = "promoted", True
+
+
+def _resume_after_pause_timeout(result: RetrainResult) -> None:
+    """Put this run back to Running after its approval wait timed out.
+
+    A Prefect pause timeout means "fail the run": once the pause has expired the server turns
+    any later state of the run into Failed ("The flow was paused and never resumed"). For us the
+    timeout is a decision (not promoted), which the run must still record and end Completed
+    with. Prefect has no way to resume at the timeout instead (PrefectHQ/prefect#11683 proposes
+    one); until it does, the run moves itself out of the expired pause with the public client.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+    from prefect.states import Running
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Running(
+            message=f"approval of v{result.challenger_version} timed out: not promoted"),
+            force=True)
 
 
 def _finish(result: RetrainResult, started: float, gate_path: str | None,
@@ -240,10 +266,19 @@ def retraining_check(model_name: str, trigger: Trigger = "schedule",
                      policy: str | None = None) -> RetrainResult | RetrainDecision:
     """Scheduled (02:00) and drift-event-triggered: should_retrain on the RetrainingPolicy's
     labelled data, then retrain_model when it says so. Returns the retraining, or the decision
-    when there was none."""
+    when there was none.
+
+    Without labelled data configured for the model there is nothing to retrain on: the run
+    reports the signals and what to configure, and ends Completed. An unknown model is an error.
+    """
     validate_model_name(model_name)
     settings = _policy(model_name, policy)
-    data, target = settings.labelled_data(model_name)
+    problem = settings.labelled_data_problem(model_name, policy)
+    if problem:
+        decision = should_retrain(model_name, policy=policy)
+        get_run_logger().warning("%s: nothing to retrain on -- %s", model_name, problem)
+        return decision
+    data, target = settings.training_data, settings.target
     decision = should_retrain(model_name, data, target, policy=policy)
     if not decision.should_retrain:
         return decision

@@ -22,9 +22,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 
 from blocks.mlflow_config import resolve_mlflow_config, state_dir
+from blocks.monitoring import MonitoringPolicy
 from blocks.retraining_policy import RetrainingPolicy
 from tasks.comparison import score_version
 from tasks.data import LoadedData, frame_sha256, load_labelled_table
+from tasks.drift import ProfileNotFoundError, build_drift_report, read_reference
+from tasks.drift_metrics import DriftInputError
 from tasks.errors import DataError, MlopsError, RegistryError
 from tasks.registry import (alias_map, mlflow_client, model_slug, move_alias, promote,
                             resolve_version)
@@ -37,6 +40,7 @@ RESULT_TAG = "mlops.retrain_result"
 MIN_GATE_ROWS = 20         # fewer unseen rows in the gate than this cannot judge anything
 MIN_EVAL_ROWS = 30         # unseen rows needed to measure the production metric
 SLOT_LEASE_S = 600         # a crashed retraining frees its model's slot after this
+MAX_NAMED_FEATURES = 4     # drifted features named in a data drift reason
 
 
 class RetrainingInProgressError(MlopsError, RuntimeError):
@@ -263,6 +267,30 @@ def latest_drift(champion: ChampionState) -> tuple[float | None, str]:
             f"{run.data.tags.get('mlops.data_ref', '?')} (run {run.info.run_id})")
 
 
+@task(name="measure-data-drift", cache_policy=NO_CACHE)
+def data_drift(champion: ChampionState, view: LabelledView | None, policy: MonitoringPolicy
+               ) -> tuple[float | None, str]:
+    """The drift score of the labelled rows the champion never saw against its stored training
+    profile: the comparison check_drift makes, with the policy's settings, but nothing recorded.
+    (score, on what); None when there are too few such rows or no profile to compare with."""
+    if view is None:
+        return None, "no labelled data given"
+    if view.n_unseen < MIN_EVAL_ROWS:
+        return None, (f"{view.n_unseen} labelled rows v{champion.version} has not seen, fewer "
+                      f"than the {MIN_EVAL_ROWS} a drift score needs")
+    try:
+        reference = read_reference(champion.model_name, champion.version)
+        report = build_drift_report(reference, view.frame[view.unseen], policy)
+    except (ProfileNotFoundError, DriftInputError) as exc:
+        return None, str(exc)
+    names = report.drifted_features  # most drifted first
+    drifted = ", ".join(names[:MAX_NAMED_FEATURES]) or "none"
+    if len(names) > MAX_NAMED_FEATURES:
+        drifted += f" and {len(names) - MAX_NAMED_FEATURES} more"
+    return report.score, (f"on {report.n_current} labelled rows v{champion.version} has not "
+                          f"seen; drifted: {drifted}")
+
+
 @task(name="measure-production-metric", cache_policy=NO_CACHE)
 def production_metric(champion: ChampionState, view: LabelledView | None
                       ) -> tuple[float | None, str]:
@@ -298,7 +326,7 @@ def retraining_slot(model_name: str) -> Iterator[str]:
     The limit is created on first use; a crashed holder's lease expires after SLOT_LEASE_S.
     """
     from prefect.client.orchestration import get_client
-    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectAlreadyExists
 

@@ -15,7 +15,10 @@ from pydantic import BaseModel, Field
 from tasks.training_search import greater_is_better
 
 Trigger = Literal["schedule", "event", "manual"]
-Decision = Literal["promoted", "not_promoted", "held_ab_test", "rejected_by_approver", "failed"]
+Decision = Literal["promoted", "not_promoted", "held_ab_test", "rejected_by_approver",
+                   "approval_timed_out", "failed"]
+NO_LABELLED_DATA = ("no labelled data to retrain on: set training_data and target in the "
+                    "RetrainingPolicy or pass data and target")
 
 
 class Signal(BaseModel):
@@ -32,8 +35,8 @@ class Signal(BaseModel):
 
 
 class RetrainDecision(BaseModel):
-    """The result of should_retrain (DESIGN.md §5). Unpacks as the seed's tuple:
-    ``should, reason, metrics = should_retrain("my_model")``."""
+    """The result of should_retrain. Also unpacks as a tuple, for callers written against the
+    first interface: ``should, reason, metrics = should_retrain("my_model")``."""
 
     should_retrain: bool
     reasons: list[str] = Field(default_factory=list)
@@ -51,7 +54,7 @@ class RetrainDecision(BaseModel):
         return {s.name: s.value for s in self.signals}
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        # the seed's `(should_retrain, reason, metrics)`; model_dump() still gives every field
+        # `(should_retrain, reason, metrics)`; model_dump() still gives every field
         return iter((self.should_retrain, self.reason, self.metrics))
 
     # dict(decision) goes through keys()/__getitem__ (the mapping protocol) rather than
@@ -64,7 +67,7 @@ class RetrainDecision(BaseModel):
 
 
 class RetrainResult(BaseModel):
-    """One retraining (DESIGN.md §5; fields after `decision` are extra)."""
+    """One retraining (the fields up to `decision` are the public contract; later ones extra)."""
 
     model_name: str
     trigger: Trigger
@@ -106,9 +109,11 @@ def metric_floor(metric: str, holdout: float | None, min_production_metric: floa
     return holdout - step if greater_is_better(metric) else holdout + step
 
 
-def drift_signal(score: float | None, threshold: float, detail: str) -> Signal:
+def drift_signal(score: float | None, threshold: float, detail: str,
+                 name: str = "drift_score") -> Signal:
+    """drift_score: the newest recorded check_drift; data_drift_score: the rows given now."""
     fired = score is not None and score > threshold
-    return Signal(name="drift_score", role="trigger", value=score, threshold=threshold,
+    return Signal(name=name, role="trigger", value=score, threshold=threshold,
                   evaluated=score is not None, fired=fired, detail=detail)
 
 
@@ -151,6 +156,10 @@ def sentence(s: Signal) -> str:
     if s.name == "drift_score":
         rel = ">" if s.fired else "<="
         return f"drift score {_fmt(s.value)} {rel} drift_threshold {_fmt(s.threshold)}"
+    if s.name == "data_drift_score":
+        rel = ">" if s.fired else "<="
+        return (f"data drift score {_fmt(s.value)} {rel} drift_threshold {_fmt(s.threshold)} "
+                f"({s.detail})")
     if s.name.startswith("production_"):
         rel = "worse than" if s.fired else "within"
         return f"{s.name[len('production_'):]} {_fmt(s.value)} on unseen labelled rows is {rel} " \
@@ -169,13 +178,14 @@ def sentence(s: Signal) -> str:
     return f"{s.name} {_fmt(s.value)} (threshold {_fmt(s.threshold)})"
 
 
-def decide(signals: list[Signal], has_labelled_data: bool) -> tuple[bool, list[str]]:
-    """Retrain when a trigger fired and every requirement holds; the reasons say which."""
+def decide(signals: list[Signal], has_labelled_data: bool,
+           no_data: str | None = None) -> tuple[bool, list[str]]:
+    """Retrain when a trigger fired and every requirement holds; the reasons say which (every
+    trigger that fired). `no_data`: what to say, without labelled data, about configuring it."""
     fired = [s for s in signals if s.role == "trigger" and s.fired]
     unmet = [s for s in signals if s.role == "requirement" and not s.fired]
     if not has_labelled_data:
-        unmet_text = ["no labelled data to retrain on: set training_data and target in the "
-                      "RetrainingPolicy or pass data and target"]
+        unmet_text = [no_data or NO_LABELLED_DATA]
     else:
         unmet_text = [("blocked: " + sentence(s)) for s in unmet]
     if not fired:

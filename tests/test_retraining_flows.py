@@ -7,6 +7,7 @@ MLflow.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -32,10 +33,10 @@ from flows.retraining import (RetrainDecision, RetrainingInProgressError, Retrai
                               retrain_model, retraining_check, retraining_history, should_retrain)
 from flows.training import train_model
 from tasks.demo_data import churn_frame
-from tasks.errors import ConfigurationError, DataError, ModelNotFoundError
-from tasks.registry import alias_map, mlflow_client, read_alias_history
+from tasks.errors import DataError, ModelNotFoundError
+from tasks.registry import alias_map, mlflow_client, model_slug, read_alias_history
 from tasks.retraining import retraining_slot
-from tests.test_drift_flows import read_events
+from tests.test_drift_flows import read_artifacts, read_events
 
 BUDGET = 4
 
@@ -78,7 +79,6 @@ def base(tmp_path_factory):
 @pytest.fixture
 def model(base, request):
     """A fresh registered model whose champion (v1) is the module's weak base model."""
-    import re
 
     name = "rt_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.removeprefix("test_").lower())[-44:]
     register_model(name, model_uri=base.model_uri, run_id=base.run_id)
@@ -269,6 +269,37 @@ def test_with_approval_required_a_person_decides_in_the_ui(base, model, approve)
         assert alias_map(mlflow_client(), model) == {"champion": 1, "challenger": 2}
 
 
+def test_an_approval_nobody_gives_in_time_is_recorded_as_timed_out(base, model):
+    save_policy(model, require_approval=True, approval_timeout_hours=0.001)  # 3.6 s
+    outcome: list[object] = []
+
+    def run():
+        try:
+            outcome.append(retrain_model(model, base.labelled(model), "churn"))
+        except Exception as exc:  # collected and asserted below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    paused = _paused_run(model)  # really paused, and nobody resumes it
+    worker.join(timeout=180)
+    [result] = outcome
+    assert isinstance(result, RetrainResult), result
+    assert result.decision == "approval_timed_out" and not result.promoted
+    assert "not approved within approval_timeout_hours 0.001" in result.why
+    assert result.approved_by is None
+    assert alias_map(mlflow_client(), model) == {"champion": 1, "challenger": 2}
+
+    # the run goes on after the wait and ends Completed; history and the UI say what happened
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(paused.id).state
+    assert state.is_completed(), state
+    [record] = retraining_history(model)
+    assert record.decision == "approval_timed_out"
+    [artifact] = read_artifacts(f"retraining-{model_slug(model)}")
+    assert artifact.data.startswith(f"## {model}: approval timed out")
+
+
 # --------------------------------------------------------------------------- the check
 def test_drift_makes_the_check_retrain_with_the_policy_data_and_the_cooldown_holds_the_next(base, model):
     labelled = base.labelled(model)
@@ -296,6 +327,72 @@ def test_drift_makes_the_check_retrain_with_the_policy_data_and_the_cooldown_hol
     assert len(retraining_history(model)) == 1
 
 
+def test_a_check_with_nothing_to_retrain_on_completes_and_says_what_to_configure(base, model,
+                                                                                 caplog):
+    # no RetrainingPolicy of this model and no 'default' one: no labelled data to retrain on
+    state = retraining_check(model, trigger="schedule", return_state=True)
+    assert state.is_completed(), state
+    decision = state.result()
+    assert isinstance(decision, RetrainDecision) and not decision.should_retrain
+    [hint] = [r for r in decision.reasons if r.startswith("no labelled data configured")]
+    assert f"for model {model!r}: the RetrainingPolicy lacks training_data and target" in hint
+    assert f".save({document_name(model)!r}, overwrite=True)" in hint
+    assert hint in caplog.text
+    [artifact] = read_artifacts(f"retraining-check-{document_name(model)}")
+    assert hint in artifact.data and artifact.description == "should_retrain: False"
+
+    # half a policy: the data but no target column
+    save_policy(model, training_data=base.labelled(model))
+    half = retraining_check(model, trigger="event")
+    assert isinstance(half, RetrainDecision) and not half.should_retrain
+    assert any("the RetrainingPolicy lacks target;" in r for r in half.reasons), half.reasons
+    assert versions(model) == [1] and retraining_history(model) == []
+
+    # a model that does not exist is still an error
+    with pytest.raises(ModelNotFoundError, match="no registered model named 'rt_nobody'"):
+        retraining_check("rt_nobody")
+
+
+# --------------------------------------------------------------------------- drift of given rows
+def energy_demand(season: str, n: int, seed: int) -> pd.DataFrame:
+    """Daily energy demand of a town: heating below 18 degrees, cooling above."""
+    rng = np.random.default_rng(seed)
+    winter = season == "winter"
+    temp = rng.normal(2.0, 4.0, n) if winter else rng.normal(27.0, 3.0, n)
+    humidity = rng.normal(80.0, 6.0, n) if winter else rng.normal(55.0, 8.0, n)
+    demand = np.where(temp < 18, 3.0 * (18 - temp), 4.0 * (temp - 18)) + rng.normal(0, 2.0, n)
+    return pd.DataFrame({"temp": temp.round(2), "humidity": humidity.round(1),
+                         "demand": demand.round(2)})
+
+
+def test_summer_rows_given_to_a_winter_model_report_their_drift_beside_the_fallen_metric(
+        state_dir, tmp_path):
+    winter, summer = tmp_path / "winter.csv", tmp_path / "summer.csv"
+    energy_demand("winter", 400, seed=1).to_csv(winter, index=False)
+    energy_demand("summer", 300, seed=2).to_csv(summer, index=False)
+    name = "rt_energy_demand"
+    train_model(str(winter), "demand", name, time_budget_s=BUDGET, candidates=["linear"])
+    save_policy(name, max_model_age_days=1e-6)  # the age trigger fires too
+
+    decision = should_retrain(name, str(summer), "demand")
+
+    signals = {s.name: s for s in decision.signals}
+    assert decision.should_retrain is True
+    # every trigger that fired is a reason: the drift of these rows, the metric, the age
+    assert [r.split(" ")[0] for r in decision.reasons] == ["data", "rmse", "champion"], \
+        decision.reasons
+    assert re.fullmatch(r"data drift score [\d.]+ > drift_threshold 0.3 \(on 300 labelled rows "
+                        r"v1 has not seen; drifted: .*temp.*\)", decision.reasons[0]), \
+        decision.reasons
+    assert signals["data_drift_score"].value > 0.9
+    assert signals["production_rmse"].fired and signals["model_age_days"].fired
+    # the comparison check_drift makes on the same rows, without recording a check
+    assert not signals["drift_score"].evaluated
+    report = check_drift(name, str(summer))
+    assert signals["data_drift_score"].value == pytest.approx(report.score)
+    assert signals["data_drift_score"].threshold == report.threshold
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_input_is_refused_before_anything_is_written(base, model):
     save_policy(model)
@@ -311,8 +408,6 @@ def test_bad_input_is_refused_before_anything_is_written(base, model):
         retrain_model(model, base.labelled(model), "tenure")
     with pytest.raises(ModelNotFoundError, match="no registered model named 'rt_nobody'"):
         retrain_model("rt_nobody", base.labelled(model), "churn")
-    with pytest.raises(ConfigurationError, match="no labelled data configured for model"):
-        retraining_check(model, trigger="event")
     assert (versions(model), alias_map(mlflow_client(), model)) == before
     assert retraining_history(model) == []
 

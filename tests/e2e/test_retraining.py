@@ -4,7 +4,7 @@ batch checked through `check-drift/default` -- and then nobody runs anything: th
 trigger of `retraining-check/default` (prefect.yaml, on `mlops.model.drift-detected`) must start
 the check by itself, the worker runs it, and the retraining lands in the MLflow server's history
 with the aliases the decision implies. Also the manual way in (held by the cooldown), the history
-deployment, and a model without labelled data.
+deployment, and a scheduled check of a model without labelled data (nothing to do: Completed).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.e2e
 MODEL = "e2e_retrain"                    # its RetrainingPolicy document: "e2e-retrain"
 DOCUMENT = "e2e-retrain"
 UNLABELLED_MODEL = "e2e_retrain_unlabelled"  # no document of its own, and no "default" either
+UNLABELLED_DOCUMENT = "e2e-retrain-unlabelled"
 BUDGET_S = 4                             # training budget of the champion and of each challenger
 TRIGGER_WAIT_S = 240                     # drift event -> triggered check in a terminal state
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -248,20 +249,28 @@ def test_manual_check_respects_the_cooldown_and_history_deployment_reads_it(stac
     assert result and result["description"] == f"{MODEL}: {before[0].decision}", result
 
 
-def test_check_without_labelled_data_fails_and_says_so(stack):
+def test_scheduled_check_without_labelled_data_completes_and_says_what_to_configure(
+        stack, churn_files):
     # Holds only while no "default" RetrainingPolicy exists on this stack: none may be created.
     assert policy_document(stack, "default") == 404, "a 'default' RetrainingPolicy exists"
-    assert policy_document(stack, UNLABELLED_MODEL.replace("_", "-")) == 404
+    assert policy_document(stack, UNLABELLED_DOCUMENT) == 404
+    # a champion, and nothing configured to retrain it on (a fresh stack's nightly check)
+    assert_completed(stack, stack.run_deployment("train-model/default", {
+        "data": str(churn_files["old"]), "target": "churn", "model_name": UNLABELLED_MODEL,
+        "time_budget_s": BUDGET_S}))
 
     proc = stack.run_deployment("retraining-check/default",
-                                {"model_name": UNLABELLED_MODEL, "trigger": "manual"})
-    assert proc.returncode != 0, stack.explain(proc)
+                                {"model_name": UNLABELLED_MODEL, "trigger": "schedule"})
+    assert_completed(stack, proc)
     assert stack.runs and stack.runs[-1] in proc.stdout, stack.explain(proc)
     run = flow_run(stack, stack.runs[-1])
     assert run["parameters"]["model_name"] == UNLABELLED_MODEL
-    assert run["state_type"] == "FAILED", run["state"]
-    message = run["state"]["message"] or ""
+    hint = (f"no labelled data configured for model {UNLABELLED_MODEL!r}: the RetrainingPolicy "
+            "lacks training_data and target")
     logs = run_logs(stack, run["id"])
-    assert "no labelled data configured" in message + logs, f"{message}\n{logs[-3000:]}"
-    assert "ConfigurationError" in message + logs, f"{message}\n{logs[-3000:]}"
+    assert hint in logs, logs[-3000:]
+    decision = artifact(stack, f"retraining-check-{UNLABELLED_DOCUMENT}")
+    assert decision and decision["description"] == "should_retrain: False", decision
+    assert hint in decision["data"], decision["data"]
+    assert f".save({UNLABELLED_DOCUMENT!r}, overwrite=True)" in decision["data"], decision["data"]
     assert history(stack, UNLABELLED_MODEL) == []
