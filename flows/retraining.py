@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from datetime import datetime, timezone
-from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact

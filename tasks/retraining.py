@@ -31,7 +31,7 @@ from tasks.drift_metrics import DriftInputError
 from tasks.errors import DataError, MlopsError, RegistryError
 from tasks.registry import (alias_map, mlflow_client, model_slug, move_alias, promote,
                             resolve_version)
-from tasks.retraining_rules import (RetrainResult, gate_split, schema_differences, unseen_mask)
+from tasks.retraining_rules import RetrainResult, gate_split, unseen_mask
 from tasks.training import SEEN_ROWS_NAME, load_artifact_json
 from tasks.training_search import DEFAULT_METRIC, Schema, row_hashes
 
