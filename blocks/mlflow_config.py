@@ -2,7 +2,8 @@
 
 Resolution order: a saved `MLflowConfig` document named `default` (what `make up` saves, pointing
 at the stack's MLflow server) > the embedded default: MLflow on SQLite under the state folder
-(`$MLOPS_HOME`, else `./.mlops`).
+(`$MLOPS_HOME`, else `./.mlops`). Only the absence of that document falls back; a saved document
+that does not validate is a ConfigurationError (blocks/documents.py).
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
+
+from blocks.documents import load_saved
 
 DEFAULT_DOCUMENT = "default"
 DEFAULT_EXPERIMENT = "mlops-flows"
@@ -84,9 +87,6 @@ class MLflowConfig(Block):
 
 
 def resolve_mlflow_config() -> MLflowConfig:
-    """The saved `default` document when one exists, else the embedded default."""
-    try:
-        return MLflowConfig.load(DEFAULT_DOCUMENT, validate=True)
-    except ValueError:
-        # Block.load raises ValueError when no such document (or block type) is saved.
-        return MLflowConfig.embedded()
+    """The saved `default` document when one exists (ConfigurationError when it does not
+    validate), else the embedded default."""
+    return load_saved(MLflowConfig, DEFAULT_DOCUMENT) or MLflowConfig.embedded()

@@ -1,0 +1,101 @@
+"""Configuration blocks against a real Prefect API and real MLflow stores.
+
+What falls back to the embedded defaults (no saved document) and what is an error (a saved
+document that does not validate).
+"""
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import BlockDocumentUpdate
+
+from blocks import (ABPolicy, ExportSettings, MLflowConfig, MonitoringPolicy, RetrainingPolicy,
+                    resolve_ab_policy, resolve_export_settings, resolve_mlflow_config,
+                    resolve_monitoring_policy, resolve_retraining_policy)
+from blocks.mlflow_config import DEFAULT_DOCUMENT
+from flows.training import train_model
+from tasks.demo_data import churn_frame
+from tasks.errors import ConfigurationError
+
+
+@pytest.fixture
+def saved():
+    """Save block documents for one test; every one is deleted afterwards."""
+    made: list[tuple[type, str]] = []
+
+    def save(block, name: str = DEFAULT_DOCUMENT):
+        block.save(name, overwrite=True)
+        made.append((type(block), name))
+        return block
+
+    yield save
+    for cls, name in made:
+        try:
+            cls.delete(name)
+        except ValueError:  # already gone
+            pass
+
+
+def corrupt(cls, name: str, data: dict) -> None:
+    """Replace a saved document's data as an edit through the API (or an older version of the
+    block) could leave it: Prefect stores it without checking it against the block's fields."""
+    with get_client(sync_client=True) as client:
+        doc = client.read_block_document_by_name(name=name, block_type_slug=cls.get_block_type_slug())
+        client.update_block_document(doc.id, BlockDocumentUpdate(data=data, merge_existing_data=False))
+
+
+# (block, a valid instance, document name, resolver, data that does not validate, bad field)
+CASES = {
+    "mlflow-config": (MLflowConfig, lambda: MLflowConfig(tracking_uri="sqlite:///unused.db"),
+                      DEFAULT_DOCUMENT, resolve_mlflow_config,
+                      {"experiment_name": "x", "password": 987654321}, "tracking_uri"),
+    "ab-policy": (ABPolicy, ABPolicy, DEFAULT_DOCUMENT, resolve_ab_policy,
+                  {"min_samples_per_arm": "a thousand"}, "min_samples_per_arm"),
+    "export-settings": (ExportSettings, ExportSettings, DEFAULT_DOCUMENT, resolve_export_settings,
+                        {"latency_rows": 5}, "latency_rows"),
+    "monitoring-policy": (MonitoringPolicy, MonitoringPolicy, DEFAULT_DOCUMENT,
+                          resolve_monitoring_policy, {"drift_threshold": "high"}, "drift_threshold"),
+    "retraining-policy": (RetrainingPolicy, RetrainingPolicy, "customer-churn",
+                          lambda: resolve_retraining_policy("customer_churn"),
+                          {"min_new_rows": 0}, "min_new_rows"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_saved_document_that_does_not_validate_is_an_error_naming_block_and_fix(
+        case, saved, state_dir):
+    cls, make, name, resolve, bad, field = CASES[case]
+    saved(make(), name)
+    corrupt(cls, name, bad)
+    with pytest.raises(ConfigurationError) as caught:
+        resolve()
+    message = str(caught.value)
+    slug = cls.get_block_type_slug()
+    assert f"saved {cls.__name__} block document {name!r}" in message
+    assert field in message  # what is wrong
+    assert f".save({name!r}, overwrite=True)" in message  # how to fix it
+    assert f"prefect block delete {slug}/{name}" in message  # or how to stop using it
+    assert "987654321" not in message  # values (possibly secrets) are not echoed
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_without_a_saved_document_the_embedded_defaults_apply(case, state_dir):
+    cls, _make, name, resolve, _bad, _field = CASES[case]
+    try:
+        cls.delete(name)
+    except ValueError:
+        pass
+    expected = MLflowConfig.embedded() if cls is MLflowConfig else cls()
+    assert resolve() == expected
+
+
+def test_a_flow_with_an_invalid_mlflow_config_fails_instead_of_using_a_throwaway_store(
+        saved, state_dir):
+    saved(MLflowConfig(tracking_uri=f"sqlite:///{state_dir / 'mlflow.db'}"))
+    corrupt(MLflowConfig, DEFAULT_DOCUMENT, {"tracking_uri": 5000})
+    with pytest.raises(ConfigurationError, match="MLflowConfig block document 'default'.*tracking_uri"):
+        train_model(churn_frame().iloc[:600], "churn", "not_here", candidates=["linear"],
+                    time_budget_s=3)
+    embedded = MlflowClient(tracking_uri=f"sqlite:///{state_dir / 'mlflow.db'}")
+    assert embedded.search_registered_models() == []
