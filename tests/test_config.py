@@ -1,23 +1,31 @@
 """Configuration blocks against a real Prefect API and real MLflow stores.
 
 What falls back to the embedded defaults (no saved document) and what is an error (a saved
-document that does not validate).
+document that does not validate); how often a flow run reads the MLflow configuration.
 """
 from __future__ import annotations
 
+import shutil
+import time
+import uuid
+
 import pytest
 from mlflow.tracking import MlflowClient
+from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import BlockDocumentUpdate
+from prefect.events import emit_event
+from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 
 from blocks import (ABPolicy, ExportSettings, MLflowConfig, MonitoringPolicy, RetrainingPolicy,
                     resolve_ab_policy, resolve_export_settings, resolve_mlflow_config,
                     resolve_monitoring_policy, resolve_retraining_policy)
 from blocks.mlflow_config import DEFAULT_DOCUMENT
+from flows.registry import list_versions
 from flows.training import train_model
 from tasks.demo_data import churn_frame
-from tasks.errors import ConfigurationError
-
+from tasks.errors import ConfigurationError, ModelNotFoundError
+from tasks.registry import mlflow_client
 
 @pytest.fixture
 def saved():
@@ -99,3 +107,60 @@ def test_a_flow_with_an_invalid_mlflow_config_fails_instead_of_using_a_throwaway
                     time_budget_s=3)
     embedded = MlflowClient(tracking_uri=f"sqlite:///{state_dir / 'mlflow.db'}")
     assert embedded.search_registered_models() == []
+
+
+# --------------------------------------------------------------------------- once per flow run
+def block_loads(flow_run_id) -> int:
+    """`prefect.block.mlops-mlflow-config.loaded` events Prefect recorded for one flow run (Prefect
+    emits one per successful Block.load)."""
+    related = f"prefect.flow-run.{flow_run_id}"
+    sentinel = f"mlops.test.sentinel-{uuid.uuid4().hex}"
+    emit_event(sentinel, resource={"prefect.resource.id": "mlops.test"},
+               related=[{"prefect.resource.id": related, "prefect.resource.role": "flow-run"}])
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # events emitted before the sentinel are in first
+            page = client.read_events(filter=EventFilter(
+                event=EventNameFilter(name=[sentinel])), limit=1)
+            if page.total:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the Prefect API never recorded the sentinel event")
+        page = client.read_events(filter=EventFilter(
+            event=EventNameFilter(name=["prefect.block.mlops-mlflow-config.loaded"]),
+            related=EventRelatedFilter(id=[related])), limit=50)
+        return page.total
+
+
+def test_a_flow_run_reads_the_mlflow_config_from_the_prefect_api_once(saved, state_dir):
+    saved(MLflowConfig.embedded())
+    state = train_model(churn_frame().iloc[:1500], "churn", "once", candidates=["linear"],
+                        time_budget_s=3, return_state=True)
+    assert state.is_completed()
+    assert block_loads(state.state_details.flow_run_id) == 1  # 4 before: one per mlflow_client()
+
+
+@task
+def tracking_uri_in_force() -> str:
+    mlflow_client()
+    return resolve_mlflow_config().tracking_uri
+
+
+def test_a_flow_run_keeps_one_config_and_the_next_run_sees_a_change(saved, state_dir, tmp_path):
+    first, second = (f"sqlite:///{state_dir / 'mlflow.db'}", f"sqlite:///{tmp_path / 'b.db'}")
+    shutil.copyfile(state_dir / "mlflow.db", tmp_path / "b.db")
+
+    @flow
+    def edited_mid_run() -> tuple[str, str]:
+        before = tracking_uri_in_force.submit().result()
+        saved(MLflowConfig(tracking_uri=second))  # someone edits the block during the run
+        return before, tracking_uri_in_force.submit().result()
+
+    saved(MLflowConfig(tracking_uri=first))
+    MlflowClient(tracking_uri=first).create_registered_model("only_in_first")
+    assert edited_mid_run() == (first, first)  # one run, one configuration
+    with pytest.raises(ModelNotFoundError):  # the next run uses the edited block
+        list_versions("only_in_first")
+    saved(MLflowConfig(tracking_uri=first))
+    assert list_versions("only_in_first") == []
