@@ -20,6 +20,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from blocks.documents import load_saved
+from blocks.mlflow_auth import use_credentials
 
 DEFAULT_DOCUMENT = "default"
 DEFAULT_EXPERIMENT = "mlops-flows"
@@ -68,15 +69,15 @@ class MLflowConfig(Block):
         """Point this process's MLflow client at this configuration.
 
         The URIs are set only when they differ from the ones in force (MLflow copies them into
-        environment variables).
+        environment variables). Credentials never go into the environment: they are held in
+        memory and sent to this configuration's server only (blocks/mlflow_auth.py), so child
+        processes -- the PMML exporter's Java converters among them -- do not inherit them.
         """
         import mlflow
 
         registry = self.registry_uri or self.tracking_uri
-        if self.username:
-            os.environ["MLFLOW_TRACKING_USERNAME"] = self.username
-        if self.password:
-            os.environ["MLFLOW_TRACKING_PASSWORD"] = self.password.get_secret_value()
+        password = self.password.get_secret_value() if self.password else None
+        use_credentials([self.tracking_uri, registry], self.username, password)
         with _apply_lock:
             if mlflow.get_tracking_uri() != self.tracking_uri:
                 mlflow.set_tracking_uri(self.tracking_uri)

@@ -1,13 +1,22 @@
 """Configuration blocks against a real Prefect API and real MLflow stores.
 
 What falls back to the embedded defaults (no saved document) and what is an error (a saved
-document that does not validate); how often a flow run reads the MLflow configuration.
+document that does not validate); how often a flow run reads the MLflow configuration; where the
+MLflow credentials go (to the configured server) and where they do not (child processes).
 """
 from __future__ import annotations
 
+import base64
+import json
+import os
 import shutil
+import subprocess
+import sys
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -21,11 +30,16 @@ from blocks import (ABPolicy, ExportSettings, MLflowConfig, MonitoringPolicy, Re
                     resolve_ab_policy, resolve_export_settings, resolve_mlflow_config,
                     resolve_monitoring_policy, resolve_retraining_policy)
 from blocks.mlflow_config import DEFAULT_DOCUMENT
+from flows.export import export_model
 from flows.registry import list_versions
 from flows.training import train_model
 from tasks.demo_data import churn_frame
 from tasks.errors import ConfigurationError, ModelNotFoundError
+from tasks.export.pmml import find_java
 from tasks.registry import mlflow_client
+
+SECRET = "s3cr3t-pw-81723"
+
 
 @pytest.fixture
 def saved():
@@ -164,3 +178,83 @@ def test_a_flow_run_keeps_one_config_and_the_next_run_sees_a_change(saved, state
         list_versions("only_in_first")
     saved(MLflowConfig(tracking_uri=first))
     assert list_versions("only_in_first") == []
+
+
+# --------------------------------------------------------------------------- credentials
+class Recorder(BaseHTTPRequestHandler):
+    """A loopback stand-in for an MLflow server: answers `{}` and records Authorization headers."""
+    seen: list[str | None] = []
+
+    def do_GET(self):
+        Recorder.seen.append(self.headers.get("Authorization"))
+        body = b"{}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@task
+def child_environment() -> dict:
+    out = subprocess.run([sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    return json.loads(out.stdout)
+
+
+def test_credentials_reach_the_mlflow_server_but_not_child_processes(saved, state_dir):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    Recorder.seen = []
+    try:
+        saved(MLflowConfig(tracking_uri=f"http://127.0.0.1:{server.server_port}",
+                           username="alice", password=SECRET))
+
+        @flow
+        def search_then_spawn() -> dict:
+            mlflow_client().search_registered_models()
+            return child_environment()
+
+        child = search_then_spawn()
+    finally:
+        server.shutdown()
+    expected = "Basic " + base64.b64encode(f"alice:{SECRET}".encode()).decode()
+    assert Recorder.seen and set(Recorder.seen) == {expected}
+    assert "MLFLOW_TRACKING_PASSWORD" not in child and "MLFLOW_TRACKING_USERNAME" not in child
+    assert not any(SECRET in value for value in child.values())
+    assert "MLFLOW_TRACKING_PASSWORD" not in os.environ
+
+
+def test_the_pmml_exporters_java_processes_do_not_see_the_mlflow_password(
+        saved, state_dir, tmp_path, monkeypatch):
+    java = find_java()
+    if java is None:
+        pytest.skip("no Java here: the PMML exporter starts no Java process")
+    # A Java installation whose `java` records its environment, then runs the real one.
+    dumps = tmp_path / "env-dumps"
+    dumps.mkdir()
+    fake_home = tmp_path / "java-home"
+    (fake_home / "bin").mkdir(parents=True)
+    wrapper = fake_home / "bin" / "java"
+    wrapper.write_text(f'#!/bin/sh\nenv > "{dumps}/java-$$.env"\nexec "{Path(java).resolve()}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("JAVA_HOME", str(fake_home))
+
+    config = MLflowConfig.embedded()
+    config.username, config.password = "alice", SECRET
+    saved(config)
+    train_model(churn_frame().iloc[:1500], "churn", "pmml_env", candidates=["linear"],
+                time_budget_s=3)
+    report = export_model("pmml_env", formats=["pmml"])
+    assert report.result("pmml").status == "ok", report.result("pmml").reason
+
+    seen = [p.read_text() for p in dumps.glob("*.env")]
+    assert len(seen) >= 2  # the converter and the evaluator's JVM (and `java -version`)
+    for environment in seen:
+        assert "MLFLOW_TRACKING_PASSWORD" not in environment
+        assert SECRET not in environment
