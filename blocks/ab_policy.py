@@ -1,7 +1,7 @@
 """The A/B-testing policy as a Prefect block, and the policy in force.
 
-Resolution order (as for `MLflowConfig`): a saved `ABPolicy` document named `default` > the
-embedded defaults: the SQL store on SQLite in the state folder (`<state>/ab.db`), at least 1,000
+Resolution order (as for `MLflowConfig`): a saved `ABPolicy` document named `default` (an error
+when it does not validate) > the embedded defaults: the SQL store on SQLite in the state folder (`<state>/ab.db`), at least 1,000
 outcomes per arm and 7 days before a verdict, alpha 0.05, power 0.8, SRM threshold 0.001.
 
 `create_ab_test` copies the policy's values into the test when it is created, so changing the
@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator
 
+from blocks.documents import load_saved
 from blocks.mlflow_config import DEFAULT_DOCUMENT, state_dir
 
 DEFAULT_MIN_SAMPLES_PER_ARM = 1000
@@ -90,9 +91,6 @@ class ABPolicy(Block):
 
 
 def resolve_ab_policy() -> ABPolicy:
-    """The saved `default` document when one exists, else the embedded defaults."""
-    try:
-        return ABPolicy.load(DEFAULT_DOCUMENT, validate=True)
-    except ValueError:
-        # Block.load raises ValueError when no such document (or block type) is saved.
-        return ABPolicy()
+    """The saved `default` document when one exists (ConfigurationError when it does not
+    validate), else the embedded defaults."""
+    return load_saved(ABPolicy, DEFAULT_DOCUMENT) or ABPolicy()

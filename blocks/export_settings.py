@@ -1,13 +1,16 @@
 """Export settings as a Prefect block: where exports are uploaded besides MLflow, and how much
 the parity gate and the latency measurement read.
 
-Resolution: a saved `ExportSettings` document named `default`, else the embedded defaults (no S3
+Resolution: a saved `ExportSettings` document named `default` (an error when it does not
+validate), else the embedded defaults (no S3
 upload, holdout parity on up to 5,000 rows, 200 single-row latency calls).
 """
 from __future__ import annotations
 
 from prefect.blocks.core import Block
 from pydantic import Field
+
+from blocks.documents import load_saved
 
 DEFAULT_DOCUMENT = "default"
 
@@ -39,8 +42,6 @@ class ExportSettings(Block):
 
 
 def resolve_export_settings() -> ExportSettings:
-    """The saved `default` document when one exists, else the embedded defaults."""
-    try:
-        return ExportSettings.load(DEFAULT_DOCUMENT, validate=True)
-    except ValueError:
-        return ExportSettings()
+    """The saved `default` document when one exists (ConfigurationError when it does not
+    validate), else the embedded defaults."""
+    return load_saved(ExportSettings, DEFAULT_DOCUMENT) or ExportSettings()

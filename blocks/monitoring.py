@@ -2,6 +2,7 @@
 
 Resolution order (like `resolve_mlflow_config`): a saved `MonitoringPolicy` document named by the
 caller, else the one named `default`, else the embedded defaults below (alerts to the log only).
+A saved document that does not validate is a ConfigurationError, never skipped.
 
 Secrets -- the Slack webhook URL and the SMTP password -- are `SecretStr` fields (the Prefect UI
 and API show them masked) or references to saved prefect-slack `SlackWebhook` / prefect-email
@@ -14,6 +15,7 @@ from typing import Literal
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from blocks.documents import load_saved
 from tasks.errors import ConfigurationError
 
 DEFAULT_DOCUMENT = "default"
@@ -124,24 +126,11 @@ def resolve_monitoring_policy(name: str | None = None) -> MonitoringPolicy:
     """The saved document `name` (an error when absent), else the saved `default`, else the
     embedded defaults."""
     if name:
-        try:
-            return MonitoringPolicy.load(name, validate=True)
-        except ValueError as exc:
-            if not block_not_found(exc):
-                raise ConfigurationError(f"saved MonitoringPolicy {name!r} is invalid: {exc}") from None
+        policy = load_saved(MonitoringPolicy, name)
+        if policy is None:
             raise ConfigurationError(
                 f"no saved MonitoringPolicy document named {name!r}; save one with "
                 f"MonitoringPolicy(...).save({name!r}) or leave the policy empty for the "
-                "'default' document / built-in defaults") from None
-    try:
-        return MonitoringPolicy.load(DEFAULT_DOCUMENT, validate=True)
-    except ValueError as exc:
-        if not block_not_found(exc):  # a saved default that no longer validates: say so, do not ignore it
-            raise ConfigurationError(f"saved MonitoringPolicy 'default' is invalid: {exc}") from None
-        return MonitoringPolicy()
-
-
-def block_not_found(exc: ValueError) -> bool:
-    # Block.load raises ValueError("Unable to find block document named ...") when no such
-    # document (or block type) is saved; a pydantic ValidationError is a ValueError too.
-    return "Unable to find block document" in str(exc) or "No block type" in str(exc)
+                "'default' document / built-in defaults")
+        return policy
+    return load_saved(MonitoringPolicy, DEFAULT_DOCUMENT) or MonitoringPolicy()

@@ -3,7 +3,8 @@ version may replace the champion.
 
 Resolution for a model (``resolve_retraining_policy``): the saved document the caller names, else
 the document named after the model's slug (``customer_churn`` -> ``customer-churn``), else the one
-named ``default``, else the built-in defaults (which know no labelled data). The drift threshold is
+named ``default``, else the built-in defaults (which know no labelled data). Only a missing
+document moves on to the next; a saved one that does not validate is a ConfigurationError. The drift threshold is
 the MonitoringPolicy's; the schedule's cron and timezone live in prefect.yaml only.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator
 
-from blocks.monitoring import block_not_found
+from blocks.documents import load_saved
 from tasks.errors import ConfigurationError
 
 DEFAULT_DOCUMENT = "default"
@@ -109,12 +110,9 @@ def resolve_retraining_policy(model_name: str, name: str | None = None) -> Retra
     `default`, else the built-in defaults."""
     candidates = [name] if name else [document_name(model_name), DEFAULT_DOCUMENT]
     for candidate in candidates:
-        try:
-            return RetrainingPolicy.load(candidate, validate=True)
-        except ValueError as exc:
-            if not block_not_found(exc):
-                raise ConfigurationError(
-                    f"saved RetrainingPolicy {candidate!r} is invalid: {exc}") from None
+        policy = load_saved(RetrainingPolicy, candidate)
+        if policy is not None:
+            return policy
     if name:
         raise ConfigurationError(
             f"no saved RetrainingPolicy document named {name!r}; save one with "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from datetime import datetime, timezone
 from typing import Any
 
@@ -55,12 +56,28 @@ def model_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
 
 
+MAX_CLIENTS = 16
+_clients: dict[tuple[str, str], MlflowClient] = {}  # (tracking URI, registry URI) -> client
+_clients_lock = threading.Lock()
+
+
 def mlflow_client() -> MlflowClient:
-    """A client on the configuration in force (saved block, else embedded SQLite)."""
+    """A client on the configuration in force (saved block, else embedded SQLite).
+
+    The configuration is read from the Prefect API once per flow run (see
+    `resolve_mlflow_config`), the process's MLflow URIs change only when the configuration does,
+    and one client per (tracking, registry) URI pair is shared by every thread.
+    """
     config = resolve_mlflow_config()
     config.apply()
-    return MlflowClient(tracking_uri=config.tracking_uri,
-                        registry_uri=config.registry_uri or config.tracking_uri)
+    uris = (config.tracking_uri, config.registry_uri or config.tracking_uri)
+    with _clients_lock:
+        client = _clients.get(uris)
+        if client is None:
+            client = _clients[uris] = MlflowClient(tracking_uri=uris[0], registry_uri=uris[1])
+            while len(_clients) > MAX_CLIENTS:
+                _clients.pop(next(iter(_clients)))
+        return client
 
 
 def get_registered_model(client: MlflowClient, name: str):
