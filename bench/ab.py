@@ -17,7 +17,7 @@ For each backend (SQLite in a temporary folder; PostgreSQL too when one answers 
      Prefect API and MLflow store,
    * ``ABStore.recount(predictions=False)``: one SQL aggregation of routed keys, n, sum and sum
      of squares per arm over the covering index ``ab_units_covering`` (the alternative to running
-     sums that DESIGN.md §3 measured),
+     sums, docs/architecture.md "SQL aggregation"),
    * pandas: ``read_sql`` of the log (predictions and outcomes), then the same numbers;
    and checks that all of them agree before printing the table.
 

@@ -1,4 +1,4 @@
-"""A/B testing of model versions (DESIGN.md §5): create a test, score traffic through it, record
+"""A/B testing of model versions (docs/python-api.md): create a test, score traffic through it, record
 outcomes, read peeking-safe results, conclude (promoting the winner through the registry's
 recorded promotion), list active tests; `ab_test_analysis` refreshes every active test's results
 on a schedule. `lifecycle_step` is the main job's A/B chapter.

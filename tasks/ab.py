@@ -1,7 +1,7 @@
 """The A/B-test store: tests, routed predictions and outcomes in SQL (SQLAlchemy 2.x).
 
 SQLite in the state folder by default, PostgreSQL when an `ABPolicy` block names a URL
-(DESIGN.md §1). No Prefect import: the flows reach it through tasks/ab_tasks.py.
+(docs/architecture.md). No Prefect import: the flows reach it through tasks/ab_tasks.py.
 
 Tables (schema version 1; `ab_schema_version` says which version a database holds and
 :func:`ensure_schema` creates or migrates it the first time a process opens the database):
@@ -16,7 +16,7 @@ Tables (schema version 1; `ab_schema_version` says which version a database hold
   scored three times has three rows here and one in ``ab_units``.
 * ``ab_arm_stats`` -- per (test, arm) running sums: routed keys, predictions, outcomes n, sum and
   sum of squares of the outcomes. Updated in the same transaction as every write, so results read
-  two rows whatever the size of the log (DESIGN.md §3 "SQL aggregation").
+  two rows whatever the size of the log (docs/architecture.md, "SQL aggregation").
 * ``ab_snapshots`` -- the running sums after each batch of outcomes (one row per batch), for the
   lift-over-time plot.
 

@@ -9,7 +9,7 @@ Sign convention everywhere: ``difference = challenger - champion`` and
 ``relative_lift = difference / champion_mean``. Positive means the challenger has the larger
 metric; whether larger is *better* is a choice of :func:`recommend` (``higher_is_better``).
 
-What is here (DESIGN.md section 4 names the oracles the tests compare against):
+What is here (docs/architecture.md, "Statistics", names the oracles the tests compare against):
 
 * fixed-horizon tests: pooled two-proportion z-test (== statsmodels ``proportions_ztest``) and
   Welch's t-test from summary statistics (== ``scipy.stats.ttest_ind(equal_var=False)``), with

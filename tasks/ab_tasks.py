@@ -341,7 +341,7 @@ def series(test: TestRecord, snapshots: list[dict[str, Any]]) -> pd.DataFrame:
 
 def render_plot(test: TestRecord, frame: pd.DataFrame, path: Path) -> Path:
     """Lift (challenger − champion) with its confidence sequence, and the always-valid p-value,
-    over time. Matplotlib is imported here, not at module import (DESIGN.md fast imports)."""
+    over time. Matplotlib is imported here, not at module import (docs/architecture.md, "Fast imports")."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)

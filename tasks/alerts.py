@@ -3,7 +3,7 @@
 * ``log``: a WARNING line in the flow run's log (the Prefect UI shows it);
 * ``slack``: a message posted through prefect-slack's ``SlackWebhook`` (it posts to the URL it is
   given, so a loopback server can receive it in tests; Prefect's core SlackWebhook block would go
-  through apprise to a hard-coded hooks.slack.com address, DESIGN.md section 3);
+  through apprise to a hard-coded hooks.slack.com address, docs/architecture.md);
 * ``email``: prefect-email's ``email_send_message`` over ``EmailServerCredentials``.
 
 The webhook URL and the SMTP password come from the monitoring policy (``SecretStr`` fields, or

@@ -2,7 +2,7 @@
 
 Only families every export format can carry are searched: a linear model, RandomForest and
 HistGradientBoosting on one-hot encoded categoricals (native categorical support would convert to
-ONNX silently wrong, DESIGN.md §3). Cheap candidates go first and each candidate stops at the
+ONNX silently wrong, docs/architecture.md). Cheap candidates go first and each candidate stops at the
 search deadline, so `time_budget_s` holds.
 """
 from __future__ import annotations

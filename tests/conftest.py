@@ -48,7 +48,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_api():
-    """A real (embedded) Prefect API server shared by the whole session (DESIGN.md §3)."""
+    """A real (embedded) Prefect API server shared by the whole session (about 5 s to start)."""
     from flows.local_runs import local_run_settings
 
     with prefect_test_harness(server_startup_timeout=60), local_run_settings():

@@ -1,6 +1,6 @@
 """A/B statistics (tasks/ab_stats.py): oracles, simulations, recommendation logic, bad inputs.
 
-Oracles (DESIGN.md section 4): statsmodels ``proportions_ztest``, ``NormalIndPower``,
+Oracles (docs/architecture.md, "Statistics"): statsmodels ``proportions_ztest``, ``NormalIndPower``,
 ``proportion_effectsize``, ``confint_proportions_2indep``; scipy ``ttest_ind(equal_var=False)``,
 ``chisquare``; GrowthBook's published sequential-interval formula.
 

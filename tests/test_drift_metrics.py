@@ -1,7 +1,7 @@
 """Pure drift statistics (tasks/drift_metrics.py): oracles, the profile-KS error bound,
 calibration by seeded simulation, input errors and speed.
 
-Oracles (DESIGN.md section 4): scipy.stats.ks_2samp, scipy.stats.chi2_contingency,
+Oracles (docs/architecture.md, "Statistics"): scipy.stats.ks_2samp, scipy.stats.chi2_contingency,
 scipy.spatial.distance.jensenshannon(base=2), scipy.stats.wasserstein_distance.
 """
 from __future__ import annotations
@@ -450,7 +450,7 @@ def test_no_drift_false_positive_rate(n_ref, n_cur):
           f"{time.perf_counter() - t0:.1f}s)")
     for name, rate in rates.items():
         if name.startswith("psi"):
-            # the PSI noise threshold is the (1/n + 1/m) chi2(B-1) approximation of DESIGN.md
+            # the PSI noise threshold is the (1/n + 1/m) chi2(B-1) approximation of docs/architecture.md
             # section 4, about 5.2 % at >= 1k rows in 200k-run multinomial simulations: allowed
             # 4 SE (there are 9 PSI rates in this test family)
             assert rate <= ALPHA + 4 * math.sqrt(ALPHA * (1 - ALPHA) / runs), (name, rate)

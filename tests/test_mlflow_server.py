@@ -66,7 +66,7 @@ def start_mlflow_server(backend_uri: str, backend: str, workdir: Path) -> Mlflow
            "--backend-store-uri", backend_uri,
            "--serve-artifacts", "--artifacts-destination", str(artifacts),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           # 3.17 rejects Host headers outside its allow list (DESIGN.md §3); say which we use
+           # 3.17 rejects Host headers outside its allow list (docs/architecture.md); say which we use
            "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"]
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}

@@ -1,7 +1,7 @@
 """The real local stack for end-to-end tests, brought up and down by the scripts `make up` and
 `make down` run (deployments/up.sh, deployments/down.sh), so the documented path is the tested path.
 
-One stack per session (DESIGN.md §3 "Test time"): Prefect server + UI, MLflow server, the `mlops`
+One stack per session (each costs minutes to start): Prefect server + UI, MLflow server, the `mlops`
 work pool with a process worker, every deployment of prefect.yaml. Free loopback ports, a temporary
 stack folder, SQLite backends; a second, PostgreSQL-backed stack (one database per server per
 session, dropped at teardown) for the tests that ask for it.
