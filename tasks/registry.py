@@ -3,11 +3,19 @@
 Seed stages map onto aliases (DESIGN.md §2): Production = `champion`, Staging = `challenger`.
 Every alias move is appended to the registered model's tag `mlops.alias_history` (alias, from, to,
 when, reason, kind), so a rollback after a restart still knows the previous champion.
+
+Retention (at each registration): the `keep_versions` newest versions stay (MLflowConfig block,
+default 10), and so does every older version still in use: one holding an alias, an arm of an
+active A/B test of the model, a challenger waiting for a person's approval, and the version of
+the newest export made while it was champion (what devices most likely run).
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import tempfile
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,9 +29,15 @@ from blocks.mlflow_config import resolve_mlflow_config
 from tasks.errors import (InvalidModelNameError, ModelNotFoundError, RegistryError,
                           VersionNotFoundError)
 
-KEEP_VERSIONS = 10
+KEEP_VERSIONS = 10  # the MLflowConfig block's keep_versions default
 HISTORY_TAG = "mlops.alias_history"
 HISTORY_MAX_CHARS = 4000  # stays well inside every backend's tag column
+PENDING_APPROVAL_TAG = "mlops.pending_approval"  # version tag: waiting for approval until <ISO>
+EXPORTED_AT_TAG = "mlops.exported_at"  # version tag: time of its newest export
+CHAMPION_EXPORTED_AT_TAG = "mlops.champion_exported_at"  # ... of its newest export as champion
+EXPORTS_INDEXED_TAG = "mlops.exports_indexed"  # model tag: exports before the tags were indexed
+EXPORTS_FOLDER = "exports"  # where export_model stores files and manifest.json in a version's run
+logger = logging.getLogger(__name__)
 ALIASES = {"champion": "champion", "challenger": "challenger",
            "production": "champion", "staging": "challenger"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
@@ -55,9 +69,10 @@ def model_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
 
 
-def mlflow_client() -> MlflowClient:
-    """A client on the configuration in force (saved block, else embedded SQLite)."""
-    config = resolve_mlflow_config()
+def mlflow_client(config=None) -> MlflowClient:
+    """A client on `config`, else on the configuration in force (saved block, else embedded
+    SQLite)."""
+    config = config or resolve_mlflow_config()
     config.apply()
     return MlflowClient(tracking_uri=config.tracking_uri,
                         registry_uri=config.registry_uri or config.tracking_uri)
@@ -243,14 +258,133 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str | None
 
 
 def apply_retention(client: MlflowClient, name: str, keep: int = KEEP_VERSIONS) -> list[int]:
-    """Delete versions beyond the `keep` newest, never one that holds an alias."""
+    """Delete the versions beyond the `keep` newest that nothing uses any more; returns them.
+
+    Spared whatever their age: a version holding an alias, an arm of an active A/B test of the
+    model, a challenger waiting for approval, the version of the newest export made while it was
+    champion. When the A/B store cannot be read nothing is deleted (a warning says why): a
+    deleted version cannot be brought back."""
+    if keep < 1:
+        raise RegistryError(f"keep must be at least 1, not {keep}: the newest version is never "
+                            "deleted (MLflowConfig.keep_versions)")
+    versions = _existing_versions(client, name)
     held = set(alias_map(client, name).values())
+    candidates = [mv for mv in versions[keep:] if int(mv.version) not in held
+                  and not _pending_approval(mv)]
+    if not candidates:
+        return []
+    try:
+        arms = ab_test_arms(name)
+    except Exception as exc:  # any backend failure: keeping versions is the safe side
+        logger.warning("model %s: retention skipped, the A/B store cannot be read (%s: %s); "
+                       "versions beyond %d are kept until the next registration", name,
+                       type(exc).__name__, exc, keep)
+        return []
+    exported = champion_export(client, name, versions)
     deleted = []
-    for mv in _existing_versions(client, name)[keep:]:
-        if int(mv.version) not in held:
+    for mv in candidates:
+        if int(mv.version) not in arms and int(mv.version) != exported:
             client.delete_model_version(name, mv.version)
             deleted.append(int(mv.version))
     return deleted
+
+
+def ab_test_arms(name: str) -> set[int]:
+    """Champion and challenger versions of the model's active A/B tests."""
+    from blocks.ab_policy import resolve_ab_policy
+
+    url = resolve_ab_policy().store_url()
+    if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
+        return set()  # no store yet: no test was ever created here
+    from tasks.ab import open_store
+
+    return {int(v) for t in open_store(url).list_tests(name, "active")
+            for v in (t.champion_version, t.challenger_version)}
+
+
+def _pending_approval(mv: ModelVersion) -> bool:
+    until = (mv.tags or {}).get(PENDING_APPROVAL_TAG)
+    if until is None:
+        return False
+    try:
+        return datetime.fromisoformat(until) > datetime.now(timezone.utc)
+    except ValueError:
+        return True  # unreadable: treat as pending rather than delete
+
+
+def mark_pending_approval(model_name: str, version: int, timeout_s: float) -> None:
+    """Tag a version waiting for a person's approval (until the wait's deadline): retention
+    spares it even when its alias moves meanwhile."""
+    until = datetime.now(timezone.utc).timestamp() + timeout_s
+    mlflow_client().set_model_version_tag(
+        model_name, str(version), PENDING_APPROVAL_TAG,
+        datetime.fromtimestamp(until, tz=timezone.utc).isoformat(timespec="seconds"))
+
+
+def clear_pending_approval(model_name: str, version: int) -> None:
+    try:
+        mlflow_client().delete_model_version_tag(model_name, str(version), PENDING_APPROVAL_TAG)
+    except MlflowException as exc:  # the version is gone: nothing left to clear
+        logger.warning("could not clear %s on %s v%s: %s", PENDING_APPROVAL_TAG, model_name,
+                       version, exc)
+
+
+def record_export(client: MlflowClient, name: str, version: int) -> None:
+    """Tag a version with the time of its export (and, when it is champion, of its export as
+    champion): retention reads these tags with the versions, at no extra cost."""
+    now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    client.set_model_version_tag(name, str(version), EXPORTED_AT_TAG, now)
+    if alias_map(client, name).get("champion") == int(version):
+        client.set_model_version_tag(name, str(version), CHAMPION_EXPORTED_AT_TAG, now)
+
+
+def champion_export(client: MlflowClient, name: str,
+                    versions: list[ModelVersion] | None = None) -> int | None:
+    """The version of the newest export made while it was champion, else None."""
+    versions = versions if versions is not None else _existing_versions(client, name)
+    if (get_registered_model(client, name).tags or {}).get(EXPORTS_INDEXED_TAG) is None:
+        _index_untagged_exports(client, name, versions)
+        versions = _existing_versions(client, name)
+    stamped = [(_parse_time(mv.tags[CHAMPION_EXPORTED_AT_TAG]), int(mv.version))
+               for mv in versions if (mv.tags or {}).get(CHAMPION_EXPORTED_AT_TAG)]
+    return max(stamped)[1] if stamped else None
+
+
+def _index_untagged_exports(client: MlflowClient, name: str, versions: list[ModelVersion]) -> None:
+    """Once per model: exports made before exports were tagged live only as manifest.json in the
+    version's run. Tag the newest of them as a champion export (its alias then is unknown, and
+    keeping one version too many is the safe side), then mark the model as indexed."""
+    newest: tuple[datetime, int] | None = None
+    for mv in versions:
+        if not mv.run_id or (mv.tags or {}).get(EXPORTED_AT_TAG):
+            continue
+        stamp = _manifest_time(client, mv.run_id)
+        if stamp is not None and (newest is None or (stamp, int(mv.version)) > newest):
+            newest = (stamp, int(mv.version))
+    if newest is not None:
+        at = newest[0].isoformat(timespec="microseconds")
+        for key in (EXPORTED_AT_TAG, CHAMPION_EXPORTED_AT_TAG):
+            client.set_model_version_tag(name, str(newest[1]), key, at)
+    client.set_registered_model_tag(name, EXPORTS_INDEXED_TAG, "1")
+
+
+def _manifest_time(client: MlflowClient, run_id: str) -> datetime | None:
+    try:
+        listed = {a.path for a in client.list_artifacts(run_id, EXPORTS_FOLDER)}
+        if f"{EXPORTS_FOLDER}/manifest.json" not in listed:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run_id, f"{EXPORTS_FOLDER}/manifest.json", tmp)
+            with open(local) as fh:
+                manifest = json.load(fh)
+    except MlflowException:
+        return None  # the run is gone: its version has no readable export
+    return _parse_time(manifest.get("updated_at") or "1970-01-01T00:00:00+00:00")
+
+
+def _parse_time(text: str) -> datetime:
+    stamp = datetime.fromisoformat(text)
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -258,9 +392,10 @@ def apply_retention(client: MlflowClient, name: str, keep: int = KEEP_VERSIONS) 
 def register_version(model_name: str, model_uri: str, run_id: str | None, description: str = "",
                      tags: dict[str, str] | None = None, metrics: dict[str, float] | None = None,
                      schema_json: str | None = None) -> VersionInfo:
-    client = mlflow_client()
+    config = resolve_mlflow_config()
+    client = mlflow_client(config)
     mv = register(client, model_name, model_uri, run_id, description, tags or {}, metrics or {},
-                  schema_json)
+                  schema_json, keep=config.keep_versions)
     return version_info(client, mv)
 
 

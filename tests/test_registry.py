@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import mlflow
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from blocks.mlflow_config import resolve_mlflow_config
+from blocks.mlflow_config import DEFAULT_DOCUMENT, MLflowConfig, resolve_mlflow_config
+from flows.ab_testing import conclude_ab_test, create_ab_test
+from flows.export import export_model
 from flows.registry import (compare_versions, list_versions, promote_model, register_model,
                             rollback_model)
 from flows.training import train_model
 from tasks.demo_data import churn_frame
 from tasks.errors import (InvalidModelNameError, ModelNotFoundError, RegistryError,
                           VersionNotFoundError)
-from tasks.registry import HISTORY_TAG, alias_map, apply_retention, mlflow_client
+from tasks.registry import (CHAMPION_EXPORTED_AT_TAG, EXPORTED_AT_TAG, EXPORTS_INDEXED_TAG,
+                            HISTORY_TAG, alias_map, apply_retention, mlflow_client)
 
 
 def log_tiny_model(accuracy: float = 0.9, C: float = 1.0) -> str:
@@ -30,6 +34,23 @@ def log_tiny_model(accuracy: float = 0.9, C: float = 1.0) -> str:
 
 def registered(n: int, name: str = "m") -> list[int]:
     return [register_model(name, run_id=log_tiny_model(C=float(i + 1))).version for i in range(n)]
+
+
+def versions_left(name: str = "m") -> list[int]:
+    return [v.version for v in list_versions(name)]
+
+
+@contextmanager
+def saved_mlflow_config(**fields):
+    """A saved `default` MLflowConfig on the test's embedded store, with `fields` set."""
+    embedded = MLflowConfig.embedded()
+    MLflowConfig(tracking_uri=embedded.tracking_uri, registry_uri=embedded.registry_uri,
+                 artifact_location=embedded.artifact_location, **fields).save(
+        DEFAULT_DOCUMENT, overwrite=True)
+    try:
+        yield
+    finally:
+        MLflowConfig.delete(DEFAULT_DOCUMENT)
 
 
 def test_register_from_run_id_and_model_uri_with_metadata(state_dir):
@@ -138,3 +159,55 @@ def test_compare_versions_on_the_same_rows(state_dir, tmp_path):
     assert recorded_only.scores_on_data is None
     with pytest.raises(Exception, match="lacks the target column 'churn'"):
         compare_versions("c", 1, 2, data=churn.drop(columns=["churn"]))
+
+
+# --------------------------------------------------------------------------- retention
+def test_an_ab_test_arm_survives_registrations_beyond_keep_until_the_test_ends(state_dir):
+    registered(2)
+    promote_model("m", 1, "champion")
+    promote_model("m", 2, "challenger")
+    test_id = create_ab_test("m", traffic_split=0.5)
+    with saved_mlflow_config(keep_versions=2):
+        registered(1)
+        promote_model("m", 3, "challenger", reason="a retraining's new challenger")
+        registered(2)  # v4, v5: v2 is far beyond the 2 newest and holds no alias any more
+        assert alias_map(mlflow_client(), "m") == {"champion": 1, "challenger": 3}
+        assert versions_left() == [5, 4, 3, 2, 1]  # v2 is an arm of the running test
+        conclude_ab_test(test_id, promote_winner=False, force=True)
+        registered(1)  # the test is over: v2 (and v4) go
+        assert versions_left() == [6, 5, 3, 1]
+
+
+def test_keep_versions_from_the_saved_mlflow_config_block_is_honoured(state_dir):
+    registered(4)
+    with saved_mlflow_config(keep_versions=2):
+        assert resolve_mlflow_config().keep_versions == 2
+        registered(1)
+        assert versions_left() == [5, 4]
+    registered(1)  # no block saved: the default, 10
+    assert versions_left() == [6, 5, 4]
+    with pytest.raises(ValueError, match="keep_versions"):
+        MLflowConfig(tracking_uri="sqlite:///x.db", keep_versions=0)
+
+
+def test_the_newest_champion_export_survives_retention(state_dir):
+    churn = churn_frame().sample(900, random_state=5).reset_index(drop=True)
+    fast = dict(time_budget_s=3, candidates=["linear"])
+    train_model(churn.iloc[:400], "churn", "c", promote="always", **fast)  # v1 champion
+    export_model("c", "champion", formats=["onnx"])  # devices now run v1
+    client = mlflow_client()
+    assert {EXPORTED_AT_TAG, CHAMPION_EXPORTED_AT_TAG} <= set(client.get_model_version("c", "1").tags)
+    train_model(churn.iloc[:800], "churn", "c", promote="always", **fast)  # v2 champion
+    with saved_mlflow_config(keep_versions=1):
+        register_model("c", run_id=log_tiny_model())  # v3
+        assert versions_left("c") == [3, 2, 1]  # v1 has no alias, but is the newest export
+        # a store exported before exports were tagged: the manifest in v1's run is found
+        for key in (EXPORTED_AT_TAG, CHAMPION_EXPORTED_AT_TAG):
+            client.delete_model_version_tag("c", "1", key)
+        client.delete_registered_model_tag("c", EXPORTS_INDEXED_TAG)
+        register_model("c", run_id=log_tiny_model())  # v4
+        assert versions_left("c") == [4, 2, 1]
+        assert CHAMPION_EXPORTED_AT_TAG in client.get_model_version("c", "1").tags
+        export_model("c", "champion", formats=["onnx"])  # devices move on to v2
+        register_model("c", run_id=log_tiny_model())  # v5
+        assert versions_left("c") == [5, 2]
