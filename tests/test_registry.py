@@ -2,23 +2,28 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from sklearn.linear_model import LogisticRegression
 
 from blocks.mlflow_config import DEFAULT_DOCUMENT, MLflowConfig, resolve_mlflow_config
 from flows.ab_testing import conclude_ab_test, create_ab_test
 from flows.export import export_model
-from flows.registry import (compare_versions, list_versions, promote_model, register_model,
-                            rollback_model)
+from flows.registry import (alias_history, compare_versions, list_versions, promote_model,
+                            register_model, rollback_model)
 from flows.training import train_model
 from tasks.demo_data import churn_frame
 from tasks.errors import (InvalidModelNameError, ModelNotFoundError, RegistryError,
                           VersionNotFoundError)
 from tasks.registry import (CHAMPION_EXPORTED_AT_TAG, EXPORTED_AT_TAG, EXPORTS_INDEXED_TAG,
-                            HISTORY_TAG, alias_map, apply_retention, mlflow_client)
+                            HISTORY_TAG, AliasMove, alias_map, apply_retention, mlflow_client,
+                            promote, promote_alias)
 
 
 def log_tiny_model(accuracy: float = 0.9, C: float = 1.0) -> str:
@@ -40,6 +45,10 @@ def versions_left(name: str = "m") -> list[int]:
     return [v.version for v in list_versions(name)]
 
 
+def moves(name: str = "m") -> list[tuple]:
+    return [(m.alias, m.from_version, m.to_version, m.kind) for m in alias_history(name)]
+
+
 @contextmanager
 def saved_mlflow_config(**fields):
     """A saved `default` MLflowConfig on the test's embedded store, with `fields` set."""
@@ -51,6 +60,14 @@ def saved_mlflow_config(**fields):
         yield
     finally:
         MLflowConfig.delete(DEFAULT_DOCUMENT)
+
+
+def extra_versions(n: int, name: str = "m") -> list[int]:
+    """n more versions of one logged model, created straight in MLflow (fast; no retention)."""
+    run_id = log_tiny_model()
+    client = mlflow_client()
+    return [int(client.create_model_version(name, f"runs:/{run_id}/model", run_id).version)
+            for _ in range(n)]
 
 
 def test_register_from_run_id_and_model_uri_with_metadata(state_dir):
@@ -80,11 +97,11 @@ def test_promote_accepts_seed_stages_and_records_every_move(state_dir):
     promoted = promote_model("m", "challenger", "champion", reason="won the test")
     assert promoted.version == 2 and promoted.aliases == ["champion"]  # no longer a challenger
     assert alias_map(mlflow_client(), "m") == {"champion": 2}
-    history = json.loads(mlflow_client().get_registered_model("m").tags[HISTORY_TAG])
-    moves = [(e["alias"], e["from"], e["to"]) for e in history]
-    assert moves == [("champion", None, 1), ("challenger", None, 2), ("champion", 1, 2),
-                     ("challenger", 2, None)]
-    assert history[2]["reason"] == "won the test" and history[2]["at"].startswith("20")
+    history = alias_history("m")
+    assert [(m.alias, m.from_version, m.to_version) for m in history] == [
+        ("champion", None, 1), ("challenger", None, 2), ("champion", 1, 2), ("challenger", 2, None)]
+    assert history[2].reason == "won the test" and history[2].at.year >= 2026
+    assert [m.at for m in history] == sorted(m.at for m in history)
 
 
 def test_rollback_goes_to_the_previous_champion_even_after_a_restart(state_dir):
@@ -99,8 +116,7 @@ def test_rollback_goes_to_the_previous_champion_even_after_a_restart(state_dir):
         rollback_model("m")
     assert rollback_model("m", version=3).version == 3  # a named version
     assert rollback_model("m").version == 1
-    history = json.loads(mlflow_client().get_registered_model("m").tags[HISTORY_TAG])
-    assert history[-1]["kind"] == "rollback"
+    assert alias_history("m")[-1].kind == "rollback"
 
 
 def test_rollback_without_an_earlier_champion_is_refused(state_dir):
@@ -211,3 +227,89 @@ def test_the_newest_champion_export_survives_retention(state_dir):
         export_model("c", "champion", formats=["onnx"])  # devices move on to v2
         register_model("c", run_id=log_tiny_model())  # v5
         assert versions_left("c") == [5, 2]
+
+
+# --------------------------------------------------------------------------- alias history
+@pytest.mark.parametrize("registered_before_history_runs", [False, True])
+def test_twenty_concurrent_promotions_are_all_recorded(state_dir, registered_before_history_runs):
+    if registered_before_history_runs:  # no history run yet: the first moves race to make it
+        mlflow_client().create_registered_model("m")
+        targets = extra_versions(20)
+    else:
+        registered(1)
+        targets = [1] + extra_versions(19)
+    start, errors = threading.Barrier(len(targets)), []
+
+    def promote_one(version: int) -> None:
+        try:
+            start.wait()
+            promote_alias.fn("m", version, "champion", reason=f"concurrent {version}")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote_one, args=(v,)) for v in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    history = alias_history("m")
+    assert len(history) == 20
+    assert sorted(m.to_version for m in history) == targets
+    assert {m.reason for m in history} == {f"concurrent {v}" for v in targets}
+    assert alias_map(mlflow_client(), "m")["champion"] in targets
+
+
+def test_five_hundred_moves_then_rollback_and_the_whole_history(state_dir, capsys):
+    registered(1)
+    extra_versions(2)  # v1, v2, v3
+    client = mlflow_client()
+    started = time.perf_counter()
+    for i in range(500):  # champion: 1, 2, 3, 1, 2, 3, ... (500 moves, the last to v2)
+        promote(client, "m", i % 3 + 1, "champion", reason=f"move {i}")
+    moved_s = time.perf_counter() - started
+    started = time.perf_counter()
+    history = alias_history("m")
+    read_s = time.perf_counter() - started
+    with capsys.disabled():
+        print(f"\n500 alias moves: {moved_s:.1f} s ({moved_s / 500 * 1000:.0f} ms each); "
+              f"alias_history of 500 moves: {read_s * 1000:.0f} ms (flow included)")
+    assert len(history) == 500
+    assert [m.reason for m in history] == [f"move {i}" for i in range(500)]
+    assert all(m.kind == "promote" for m in history)
+    assert (history[0].from_version, history[0].to_version) == (None, 1)
+    assert (history[-1].from_version, history[-1].to_version) == (1, 2)
+    assert rollback_model("m", reason="v2 misbehaves").version == 1
+    assert len(alias_history("m")) == 501
+
+
+def test_a_legacy_json_history_is_still_read(state_dir):
+    registered(3)
+    client = mlflow_client()
+    # as stores written before one tag per move hold it: one JSON list on the registered model
+    legacy = [{"alias": "champion", "from": None, "to": 1, "kind": "promote", "reason": "launch",
+               "at": "2026-01-05T10:00:00+00:00"},
+              {"alias": "champion", "from": 1, "to": 2, "kind": "retrain", "reason": "drift",
+               "at": "2026-02-05T10:00:00+00:00"}]
+    client.set_registered_model_tag("m", HISTORY_TAG, json.dumps(legacy))
+    client.set_registered_model_alias("m", "champion", "2")
+    promote_model("m", 3, reason="better")
+    assert moves() == [("champion", None, 1, "promote"), ("champion", 1, 2, "retraining"),
+                       ("champion", 2, 3, "promote")]
+    assert rollback_model("m").version == 2
+    assert rollback_model("m").version == 1  # known from the legacy history only
+    assert json.loads(client.get_registered_model("m").tags[HISTORY_TAG]) == legacy  # untouched
+
+
+def test_alias_history_explains_its_parameter_and_has_a_deployment(state_dir):
+    schema = alias_history.parameters.model_dump()
+    assert "Registered model name" in schema["properties"]["model_name"]["description"]
+    assert isinstance(AliasMove.model_fields["kind"].description, str)
+    with pytest.raises(ModelNotFoundError, match="no registered model named 'nope'"):
+        alias_history("nope")
+    config = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
+    [deployment] = [d for d in config["deployments"]
+                    if d["entrypoint"] == "flows/registry.py:alias_history"]
+    assert deployment["name"] == "default"
+    assert (deployment["work_pool"]["name"], deployment["work_pool"]["work_queue_name"]) == (
+        "mlops", "ml-retraining-queue")
