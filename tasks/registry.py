@@ -1,6 +1,6 @@
 """The MLflow model registry: names, versions, aliases with a durable history, retention.
 
-Seed stages map onto aliases: Production = `champion`, Staging = `challenger`.
+Stage names map onto aliases: Production = `champion`, Staging = `challenger`.
 
 Alias history: every alias move is one tag of its own, `mlops.alias_move.<time_ns>-<random>` =
 JSON (alias, from, to, at, reason, kind), on the model's history run (experiment
