@@ -56,6 +56,12 @@ class MLflowConfig(Block):
     )
     username: str | None = Field(default=None, description="HTTP basic-auth user, if any.")
     password: SecretStr | None = Field(default=None, description="HTTP basic-auth password.")
+    keep_versions: int = Field(
+        default=10, ge=1,
+        description="Versions of a model kept at each registration: the newest keep_versions, "
+                    "plus any older one still in use (alias, active A/B test arm, pending "
+                    "approval, newest champion export).",
+    )
 
     @classmethod
     def embedded(cls) -> "MLflowConfig":

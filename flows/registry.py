@@ -1,4 +1,4 @@
-"""Registry flows: register, promote, roll back, list and compare versions (DESIGN.md §5)."""
+"""Registry flows: register, promote, roll back, list and compare versions, alias history."""
 from __future__ import annotations
 
 from typing import Literal
@@ -9,9 +9,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.parameters import DataRef, data_flow
 from tasks.comparison import Comparison, compare_recorded, score_version, scores_table
 from tasks.events import emit_model_event
-from tasks.registry import (VersionInfo, check_model_source, find_previous_champion, find_version,
-                            model_slug, promote_alias, read_versions, register_version,
-                            validate_model_name)
+from tasks.registry import (AliasMove, VersionInfo, check_model_source, find_previous_champion,
+                            find_version, model_slug, promote_alias, read_alias_moves, read_versions,
+                            register_version, validate_model_name)
 from tasks.training import load_data
 
 Stage = Literal["champion", "challenger", "Production", "Staging"]
@@ -55,6 +55,18 @@ def rollback_model(model_name: str, version: int | str | None = None, reason: st
 def list_versions(model_name: str) -> list[VersionInfo]:
     """Every version of a model, newest first, with aliases, semver, metrics and tags."""
     return read_versions(model_name)
+
+
+@flow(name="alias-history")
+def alias_history(model_name: str) -> list[AliasMove]:
+    """Every move of the model's aliases ever made, oldest first: which alias, from and to which
+    version, when, why, and what moved it (promote, rollback, retraining, ab-conclude).
+
+    Args:
+        model_name: Registered model name, e.g. customer_churn.
+    """
+    validate_model_name(model_name)
+    return read_alias_moves(model_name)
 
 
 @data_flow(name="compare-versions")

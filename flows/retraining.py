@@ -27,7 +27,8 @@ from flows.parameters import DataRef, data_flow
 from flows.training import train_model
 from tasks.alerts import dispatch, retraining_alert
 from tasks.events import emit_model_event
-from tasks.registry import alias_map, mlflow_client, model_slug, validate_model_name
+from tasks.registry import (alias_map, clear_pending_approval, mark_pending_approval,
+                            mlflow_client, model_slug, validate_model_name)
 from tasks.retraining import (RetrainingInProgressError, active_ab_tests, data_drift, find_unseen,
                               history_table, hours_since_last, keep_as_challenger,
                               latest_drift, load_champion, load_history, load_labelled, mark_seen,
@@ -215,6 +216,8 @@ def _decide_promotion(result: RetrainResult, settings: RetrainingPolicy, gate_pa
             markdown=f"## Approve {result.model_name} v{result.challenger_version}?\n\n"
                      f"{result.why}.\n\nResume this flow run with `approve: true` to promote it.",
             description=f"approval needed: {result.model_name} v{result.challenger_version}")
+        # retention spares the version while a person decides, even if `challenger` moves on
+        mark_pending_approval(result.model_name, result.challenger_version, timeout)
         try:
             answer = pause_flow_run(wait_for_input=PromotionApproval, timeout=timeout,
                                     poll_interval=APPROVAL_POLL_S)
@@ -224,6 +227,8 @@ def _decide_promotion(result: RetrainResult, settings: RetrainingPolicy, gate_pa
             result.why += (f"; not approved within approval_timeout_hours "
                            f"{settings.approval_timeout_hours:g} h")
             return
+        finally:
+            clear_pending_approval(result.model_name, result.challenger_version)
         result.approved_by = answer.reviewer or "(unnamed)"
         if not answer.approve:
             result.decision = "rejected_by_approver"

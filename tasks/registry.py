@@ -1,17 +1,36 @@
 """The MLflow model registry: names, versions, aliases with a durable history, retention.
 
-Seed stages map onto aliases (DESIGN.md §2): Production = `champion`, Staging = `challenger`.
-Every alias move is appended to the registered model's tag `mlops.alias_history` (alias, from, to,
-when, reason, kind), so a rollback after a restart still knows the previous champion.
+Stage names map onto aliases: Production = `champion`, Staging = `challenger`.
+
+Alias history: every alias move is one tag of its own, `mlops.alias_move.<time_ns>-<random>` =
+JSON (alias, from, to, at, reason, kind), on the model's history run (experiment
+`mlops-alias-history`, one finished run per registered model, named by the model's tag
+`mlops.alias_history_run`). A move only ever adds its own tag, so two moves at once cannot
+overwrite each other and nothing is ever cut; the keys sort in time order. The moves live on a run
+rather than on the registered model because MLflow loads every tag of a registered model with it:
+hundreds of history tags there would slow every registry call and crowd the model's page in the
+MLflow UI. Stores written before this layout keep their moves in the registered model's JSON tag
+`mlops.alias_history`; it is still read (as the oldest part of the history), never written again.
+
+Retention (at each registration): the `keep_versions` newest versions stay (MLflowConfig block,
+default 10), and so does every older version still in use: one holding an alias, an arm of an
+active A/B test of the model, a challenger waiting for a person's approval, and the version of
+the newest export made while it was champion (what devices most likely run).
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import secrets
+import tempfile
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any
 
+from mlflow.entities import ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -22,9 +41,21 @@ from blocks.mlflow_config import resolve_mlflow_config
 from tasks.errors import (InvalidModelNameError, ModelNotFoundError, RegistryError,
                           VersionNotFoundError)
 
-KEEP_VERSIONS = 10
-HISTORY_TAG = "mlops.alias_history"
-HISTORY_MAX_CHARS = 4000  # stays well inside every backend's tag column
+KEEP_VERSIONS = 10  # the MLflowConfig block's keep_versions default
+HISTORY_TAG = "mlops.alias_history"  # legacy: the whole history as one JSON list (read only)
+MOVE_TAG_PREFIX = "mlops.alias_move."  # one tag per alias move, on the model's history run
+HISTORY_EXPERIMENT = "mlops-alias-history"  # the experiment holding one history run per model
+HISTORY_RUN_TAG = "mlops.alias_history_run"  # model tag: the id of its history run
+HISTORY_KIND = "alias-history"  # the history runs' mlops.kind tag
+REASON_MAX_CHARS = 2000  # a move's tag stays well inside every backend's tag column
+PENDING_APPROVAL_TAG = "mlops.pending_approval"  # version tag: waiting for approval until <ISO>
+EXPORTED_AT_TAG = "mlops.exported_at"  # version tag: time of its newest export
+CHAMPION_EXPORTED_AT_TAG = "mlops.champion_exported_at"  # ... of its newest export as champion
+EXPORTS_INDEXED_TAG = "mlops.exports_indexed"  # model tag: exports before the tags were indexed
+EXPORTS_FOLDER = "exports"  # where export_model stores files and manifest.json in a version's run
+# kinds as the alias history names them (older records used the short names on the left)
+KIND_NAMES = {"retrain": "retraining", "ab-test": "ab-conclude"}
+logger = logging.getLogger(__name__)
 ALIASES = {"champion": "champion", "challenger": "challenger",
            "production": "champion", "staging": "challenger"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
@@ -40,6 +71,18 @@ class VersionInfo(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     run_id: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+
+
+class AliasMove(BaseModel):
+    """One move of an alias: `to_version` None = the alias was removed, `from_version` None = it
+    was not set before."""
+
+    alias: str
+    from_version: int | None = None
+    to_version: int | None = None
+    at: datetime
+    reason: str = ""
+    kind: str = Field(description="promote, rollback, retraining, ab-conclude, ...")
 
 
 # --------------------------------------------------------------------------- plain helpers
@@ -61,14 +104,15 @@ _clients: dict[tuple[str, str], MlflowClient] = {}  # (tracking URI, registry UR
 _clients_lock = threading.Lock()
 
 
-def mlflow_client() -> MlflowClient:
-    """A client on the configuration in force (saved block, else embedded SQLite).
+def mlflow_client(config=None) -> MlflowClient:
+    """A client on `config`, else on the configuration in force (saved block, else embedded
+    SQLite).
 
     The configuration is read from the Prefect API once per flow run (see
     `resolve_mlflow_config`), the process's MLflow URIs change only when the configuration does,
     and one client per (tracking, registry) URI pair is shared by every thread.
     """
-    config = resolve_mlflow_config()
+    config = config or resolve_mlflow_config()
     config.apply()
     uris = (config.tracking_uri, config.registry_uri or config.tracking_uri)
     with _clients_lock:
@@ -151,30 +195,130 @@ def version_info(client: MlflowClient, mv: ModelVersion) -> VersionInfo:
 
 
 def read_alias_history(client: MlflowClient, name: str) -> list[dict[str, Any]]:
-    raw = (get_registered_model(client, name).tags or {}).get(HISTORY_TAG)
-    return json.loads(raw) if raw else []
+    """Every alias move of the model, oldest first: dicts with alias, from, to, at, reason, kind.
+
+    The legacy JSON tag (stores written before one tag per move) comes first; then one tag per
+    move from the model's history run(s), in key order (time of the move, nanoseconds)."""
+    model = get_registered_model(client, name)
+    raw = (model.tags or {}).get(HISTORY_TAG)
+    history = json.loads(raw) if raw else []
+    moves: dict[str, str] = {}
+    for run in _history_runs(client, model):
+        moves.update((k, v) for k, v in run.data.tags.items() if k.startswith(MOVE_TAG_PREFIX))
+    for key in sorted(moves):
+        try:
+            history.append(json.loads(moves[key]))
+        except ValueError:
+            logger.warning("model %s: alias history tag %s is not JSON; skipped", name, key)
+    return history
 
 
-def _write_alias_history(client: MlflowClient, name: str, history: list[dict]) -> None:
-    while len(json.dumps(history)) > HISTORY_MAX_CHARS and len(history) > 1:
-        history = history[1:]
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+def _history_runs(client: MlflowClient, model, include_deleted: bool = True) -> list:
+    """The runs holding this registered model's moves: normally one; first moves racing on a
+    model registered before history runs existed may leave several, and all are read (so is a
+    run deleted by hand, until `mlflow gc` purges it). Runs of an earlier, deleted model of the
+    same name are not (they carry another creation time)."""
+    experiment = client.get_experiment_by_name(HISTORY_EXPERIMENT)
+    if experiment is None:
+        return []
+    query = (f"tags.`mlops.kind` = '{HISTORY_KIND}' AND tags.`mlops.model_name` = '{model.name}' "
+             f"AND tags.`mlops.model_created` = '{model.creation_timestamp}'")
+    view = ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment.experiment_id], query, run_view_type=view,
+                                  max_results=1000, order_by=["attributes.start_time ASC"],
+                                  page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _history_run_id(client: MlflowClient, model, fresh: bool = False) -> str:
+    """The id of the model's history run: created with the registered model (by register), or
+    by the first move of a model registered before history runs existed."""
+    run_id = None if fresh else (model.tags or {}).get(HISTORY_RUN_TAG)
+    if run_id:
+        return run_id
+    existing = _history_runs(client, model, include_deleted=False)
+    if existing:
+        run_id = existing[0].info.run_id
+    else:
+        experiment = client.get_experiment_by_name(HISTORY_EXPERIMENT)
+        if experiment is None:
+            try:
+                experiment_id = client.create_experiment(HISTORY_EXPERIMENT,
+                                                         tags={"mlops.kind": HISTORY_KIND})
+            except MlflowException:  # created meanwhile by a concurrent move
+                experiment_id = client.get_experiment_by_name(HISTORY_EXPERIMENT).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        run = client.create_run(experiment_id, run_name=f"alias-history-{model.name}", tags={
+            "mlops.kind": HISTORY_KIND, "mlops.model_name": model.name,
+            "mlops.model_created": str(model.creation_timestamp)})
+        client.set_terminated(run.info.run_id)
+        run_id = run.info.run_id
+    try:
+        client.set_registered_model_tag(model.name, HISTORY_RUN_TAG, run_id)
+    except MlflowException:  # a concurrent first move set it: the pointer is only a shortcut
+        logger.info("model %s: another history run was named meanwhile; both are read", model.name)
+    return run_id
+
+
+def record_move(client: MlflowClient, model, entry: dict[str, Any], at_ns: int) -> str:
+    """Store one move as a tag of its own (key: time in ns + random suffix); returns the key."""
+    key = f"{MOVE_TAG_PREFIX}{at_ns:020d}-{secrets.token_hex(4)}"
+    value = json.dumps(entry)
+    try:
+        client.set_tag(_history_run_id(client, model), key, value)
+    except MlflowException as exc:
+        if exc.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            raise
+        # the history run was deleted by hand: the model's next moves go to a new one
+        client.set_tag(_history_run_id(client, model, fresh=True), key, value)
+    return key
 
 
 def move_alias(client: MlflowClient, name: str, alias: str, version: int | None, reason: str,
-               kind: str) -> dict[str, Any] | None:
-    """Point `alias` at `version` (None removes it) and append the move to the history."""
-    current = alias_map(client, name).get(alias)
+               kind: str, model=None) -> dict[str, Any] | None:
+    """Point `alias` at `version` (None removes it) and record the move in the history.
+    `model`: the registered model as just read, if the caller has it (saves a read)."""
+    model = model or get_registered_model(client, name)
+    current = {a: int(v) for a, v in (model.aliases or {}).items()}.get(alias)
     if current == version:
         return None
     if version is None:
         client.delete_registered_model_alias(name, alias)
     else:
-        client.set_registered_model_alias(name, alias, str(version))
-    entry = {"alias": alias, "from": current, "to": version, "kind": kind, "reason": reason,
-             "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    _write_alias_history(client, name, read_alias_history(client, name) + [entry])
+        _set_alias(client, name, alias, version)
+    at_ns = time.time_ns()
+    entry = {"alias": alias, "from": current, "to": version, "kind": kind,
+             "reason": (reason or "")[:REASON_MAX_CHARS],
+             "at": datetime.fromtimestamp(at_ns / 1e9, tz=timezone.utc).isoformat(
+                 timespec="microseconds")}
+    record_move(client, model, entry, at_ns)
     return entry
+
+
+def _set_alias(client: MlflowClient, name: str, alias: str, version: int, attempts: int = 3) -> None:
+    """MLflow inserts an alias after checking it is absent, so two first settings of one alias at
+    once collide on the database's unique key (BAD_REQUEST); set it again, now as an update."""
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, str(version))
+            return
+        except MlflowException as exc:
+            if exc.error_code != "BAD_REQUEST" or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def as_alias_move(entry: dict[str, Any]) -> AliasMove:
+    kind = str(entry.get("kind") or "")
+    return AliasMove(alias=entry["alias"], from_version=entry.get("from"),
+                     to_version=entry.get("to"), at=entry["at"], reason=entry.get("reason") or "",
+                     kind=KIND_NAMES.get(kind, kind))
 
 
 def champion_stack(history: list[dict[str, Any]]) -> list[int]:
@@ -207,11 +351,11 @@ def promote(client: MlflowClient, name: str, version: int, stage: str, reason: s
     alias = ALIASES.get(stage.lower()) if isinstance(stage, str) else None
     if alias is None:
         raise RegistryError(f"unknown stage {stage!r}; use champion, challenger, Production or Staging")
-    aliases = alias_map(client, name)
-    move_alias(client, name, alias, version, reason, kind)
-    if alias == "champion" and aliases.get("challenger") == version:
+    model = get_registered_model(client, name)
+    move_alias(client, name, alias, version, reason, kind, model)
+    if alias == "champion" and int((model.aliases or {}).get("challenger", 0)) == version:
         # the challenger won: it is no longer a challenger
-        move_alias(client, name, "challenger", None, f"promoted to champion: {reason}", kind)
+        move_alias(client, name, "challenger", None, f"promoted to champion: {reason}", kind, model)
 
 
 def next_semver(client: MlflowClient, name: str, schema_json: str | None) -> str:
@@ -242,7 +386,8 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str | None
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description=description or None)
+        model = client.create_registered_model(name, description=description or None)
+        _history_run_id(client, model)  # now, by the one creator, rather than by a first move
     for mv in _existing_versions(client, name):
         if (mv.tags or {}).get("mlops.source") == model_uri:
             return mv  # idempotent: a Prefect retry must not create a duplicate version
@@ -260,14 +405,133 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str | None
 
 
 def apply_retention(client: MlflowClient, name: str, keep: int = KEEP_VERSIONS) -> list[int]:
-    """Delete versions beyond the `keep` newest, never one that holds an alias."""
+    """Delete the versions beyond the `keep` newest that nothing uses any more; returns them.
+
+    Spared whatever their age: a version holding an alias, an arm of an active A/B test of the
+    model, a challenger waiting for approval, the version of the newest export made while it was
+    champion. When the A/B store cannot be read nothing is deleted (a warning says why): a
+    deleted version cannot be brought back."""
+    if keep < 1:
+        raise RegistryError(f"keep must be at least 1, not {keep}: the newest version is never "
+                            "deleted (MLflowConfig.keep_versions)")
+    versions = _existing_versions(client, name)
     held = set(alias_map(client, name).values())
+    candidates = [mv for mv in versions[keep:] if int(mv.version) not in held
+                  and not _pending_approval(mv)]
+    if not candidates:
+        return []
+    try:
+        arms = ab_test_arms(name)
+    except Exception as exc:  # any backend failure: keeping versions is the safe side
+        logger.warning("model %s: retention skipped, the A/B store cannot be read (%s: %s); "
+                       "versions beyond %d are kept until the next registration", name,
+                       type(exc).__name__, exc, keep)
+        return []
+    exported = champion_export(client, name, versions)
     deleted = []
-    for mv in _existing_versions(client, name)[keep:]:
-        if int(mv.version) not in held:
+    for mv in candidates:
+        if int(mv.version) not in arms and int(mv.version) != exported:
             client.delete_model_version(name, mv.version)
             deleted.append(int(mv.version))
     return deleted
+
+
+def ab_test_arms(name: str) -> set[int]:
+    """Champion and challenger versions of the model's active A/B tests."""
+    from blocks.ab_policy import resolve_ab_policy
+
+    url = resolve_ab_policy().store_url()
+    if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
+        return set()  # no store yet: no test was ever created here
+    from tasks.ab import open_store
+
+    return {int(v) for t in open_store(url).list_tests(name, "active")
+            for v in (t.champion_version, t.challenger_version)}
+
+
+def _pending_approval(mv: ModelVersion) -> bool:
+    until = (mv.tags or {}).get(PENDING_APPROVAL_TAG)
+    if until is None:
+        return False
+    try:
+        return datetime.fromisoformat(until) > datetime.now(timezone.utc)
+    except ValueError:
+        return True  # unreadable: treat as pending rather than delete
+
+
+def mark_pending_approval(model_name: str, version: int, timeout_s: float) -> None:
+    """Tag a version waiting for a person's approval (until the wait's deadline): retention
+    spares it even when its alias moves meanwhile."""
+    until = datetime.now(timezone.utc).timestamp() + timeout_s
+    mlflow_client().set_model_version_tag(
+        model_name, str(version), PENDING_APPROVAL_TAG,
+        datetime.fromtimestamp(until, tz=timezone.utc).isoformat(timespec="seconds"))
+
+
+def clear_pending_approval(model_name: str, version: int) -> None:
+    try:
+        mlflow_client().delete_model_version_tag(model_name, str(version), PENDING_APPROVAL_TAG)
+    except MlflowException as exc:  # the version is gone: nothing left to clear
+        logger.warning("could not clear %s on %s v%s: %s", PENDING_APPROVAL_TAG, model_name,
+                       version, exc)
+
+
+def record_export(client: MlflowClient, name: str, version: int) -> None:
+    """Tag a version with the time of its export (and, when it is champion, of its export as
+    champion): retention reads these tags with the versions, at no extra cost."""
+    now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    client.set_model_version_tag(name, str(version), EXPORTED_AT_TAG, now)
+    if alias_map(client, name).get("champion") == int(version):
+        client.set_model_version_tag(name, str(version), CHAMPION_EXPORTED_AT_TAG, now)
+
+
+def champion_export(client: MlflowClient, name: str,
+                    versions: list[ModelVersion] | None = None) -> int | None:
+    """The version of the newest export made while it was champion, else None."""
+    versions = versions if versions is not None else _existing_versions(client, name)
+    if (get_registered_model(client, name).tags or {}).get(EXPORTS_INDEXED_TAG) is None:
+        _index_untagged_exports(client, name, versions)
+        versions = _existing_versions(client, name)
+    stamped = [(_parse_time(mv.tags[CHAMPION_EXPORTED_AT_TAG]), int(mv.version))
+               for mv in versions if (mv.tags or {}).get(CHAMPION_EXPORTED_AT_TAG)]
+    return max(stamped)[1] if stamped else None
+
+
+def _index_untagged_exports(client: MlflowClient, name: str, versions: list[ModelVersion]) -> None:
+    """Once per model: exports made before exports were tagged live only as manifest.json in the
+    version's run. Tag the newest of them as a champion export (its alias then is unknown, and
+    keeping one version too many is the safe side), then mark the model as indexed."""
+    newest: tuple[datetime, int] | None = None
+    for mv in versions:
+        if not mv.run_id or (mv.tags or {}).get(EXPORTED_AT_TAG):
+            continue
+        stamp = _manifest_time(client, mv.run_id)
+        if stamp is not None and (newest is None or (stamp, int(mv.version)) > newest):
+            newest = (stamp, int(mv.version))
+    if newest is not None:
+        at = newest[0].isoformat(timespec="microseconds")
+        for key in (EXPORTED_AT_TAG, CHAMPION_EXPORTED_AT_TAG):
+            client.set_model_version_tag(name, str(newest[1]), key, at)
+    client.set_registered_model_tag(name, EXPORTS_INDEXED_TAG, "1")
+
+
+def _manifest_time(client: MlflowClient, run_id: str) -> datetime | None:
+    try:
+        listed = {a.path for a in client.list_artifacts(run_id, EXPORTS_FOLDER)}
+        if f"{EXPORTS_FOLDER}/manifest.json" not in listed:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run_id, f"{EXPORTS_FOLDER}/manifest.json", tmp)
+            with open(local) as fh:
+                manifest = json.load(fh)
+    except MlflowException:
+        return None  # the run is gone: its version has no readable export
+    return _parse_time(manifest.get("updated_at") or "1970-01-01T00:00:00+00:00")
+
+
+def _parse_time(text: str) -> datetime:
+    stamp = datetime.fromisoformat(text)
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -275,9 +539,10 @@ def apply_retention(client: MlflowClient, name: str, keep: int = KEEP_VERSIONS) 
 def register_version(model_name: str, model_uri: str, run_id: str | None, description: str = "",
                      tags: dict[str, str] | None = None, metrics: dict[str, float] | None = None,
                      schema_json: str | None = None) -> VersionInfo:
-    client = mlflow_client()
+    config = resolve_mlflow_config()
+    client = mlflow_client(config)
     mv = register(client, model_name, model_uri, run_id, description, tags or {}, metrics or {},
-                  schema_json)
+                  schema_json, keep=config.keep_versions)
     return version_info(client, mv)
 
 
@@ -306,6 +571,12 @@ def find_previous_champion(model_name: str) -> int:
             f"model {model_name!r} has no earlier champion to roll back to (current champion: "
             f"{current}); pass version=<n> to roll back to a named version")
     return previous
+
+
+@task(name="read-alias-history")
+def read_alias_moves(model_name: str) -> list[AliasMove]:
+    client = mlflow_client()
+    return [as_alias_move(e) for e in read_alias_history(client, model_name)]
 
 
 @task(name="list-model-versions")

@@ -8,7 +8,6 @@ emptied after the test) and the aliases reset to champion = v1, challenger = v2.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import mlflow
@@ -32,7 +31,7 @@ from tasks.ab import (ABTestClosedError, ABTestNotFoundError, ABTestNotReadyErro
 from tasks.demo_data import churn_frame
 from tasks.errors import (ConfigurationError, DataError, InvalidModelNameError,
                           ModelNotFoundError, RegistryError, VersionNotFoundError)
-from tasks.registry import HISTORY_TAG, alias_map, mlflow_client, move_alias
+from tasks.registry import alias_map, mlflow_client, move_alias, read_alias_history
 from tasks.routing import assign_arms
 
 from tests.test_ab_store import shared_postgres_url
@@ -128,7 +127,7 @@ def outcomes_for(output: str, p_champion: float, p_challenger: float, seed: int 
 
 
 def history(name: str = MODEL) -> list[dict]:
-    return json.loads(mlflow_client().get_registered_model(name).tags[HISTORY_TAG])
+    return read_alias_history(mlflow_client(), name)
 
 
 # --------------------------------------------------------------------------- create / list

@@ -2,19 +2,28 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from sklearn.linear_model import LogisticRegression
 
-from blocks.mlflow_config import resolve_mlflow_config
-from flows.registry import (compare_versions, list_versions, promote_model, register_model,
-                            rollback_model)
+from blocks.mlflow_config import DEFAULT_DOCUMENT, MLflowConfig, resolve_mlflow_config
+from flows.ab_testing import conclude_ab_test, create_ab_test
+from flows.export import export_model
+from flows.registry import (alias_history, compare_versions, list_versions, promote_model,
+                            register_model, rollback_model)
 from flows.training import train_model
 from tasks.demo_data import churn_frame
 from tasks.errors import (InvalidModelNameError, ModelNotFoundError, RegistryError,
                           VersionNotFoundError)
-from tasks.registry import HISTORY_TAG, alias_map, apply_retention, mlflow_client
+from tasks.registry import (CHAMPION_EXPORTED_AT_TAG, EXPORTED_AT_TAG, EXPORTS_INDEXED_TAG,
+                            HISTORY_TAG, AliasMove, alias_map, apply_retention, mlflow_client,
+                            promote, promote_alias)
 
 
 def log_tiny_model(accuracy: float = 0.9, C: float = 1.0) -> str:
@@ -30,6 +39,35 @@ def log_tiny_model(accuracy: float = 0.9, C: float = 1.0) -> str:
 
 def registered(n: int, name: str = "m") -> list[int]:
     return [register_model(name, run_id=log_tiny_model(C=float(i + 1))).version for i in range(n)]
+
+
+def versions_left(name: str = "m") -> list[int]:
+    return [v.version for v in list_versions(name)]
+
+
+def moves(name: str = "m") -> list[tuple]:
+    return [(m.alias, m.from_version, m.to_version, m.kind) for m in alias_history(name)]
+
+
+@contextmanager
+def saved_mlflow_config(**fields):
+    """A saved `default` MLflowConfig on the test's embedded store, with `fields` set."""
+    embedded = MLflowConfig.embedded()
+    MLflowConfig(tracking_uri=embedded.tracking_uri, registry_uri=embedded.registry_uri,
+                 artifact_location=embedded.artifact_location, **fields).save(
+        DEFAULT_DOCUMENT, overwrite=True)
+    try:
+        yield
+    finally:
+        MLflowConfig.delete(DEFAULT_DOCUMENT)
+
+
+def extra_versions(n: int, name: str = "m") -> list[int]:
+    """n more versions of one logged model, created straight in MLflow (fast; no retention)."""
+    run_id = log_tiny_model()
+    client = mlflow_client()
+    return [int(client.create_model_version(name, f"runs:/{run_id}/model", run_id).version)
+            for _ in range(n)]
 
 
 def test_register_from_run_id_and_model_uri_with_metadata(state_dir):
@@ -59,11 +97,11 @@ def test_promote_accepts_seed_stages_and_records_every_move(state_dir):
     promoted = promote_model("m", "challenger", "champion", reason="won the test")
     assert promoted.version == 2 and promoted.aliases == ["champion"]  # no longer a challenger
     assert alias_map(mlflow_client(), "m") == {"champion": 2}
-    history = json.loads(mlflow_client().get_registered_model("m").tags[HISTORY_TAG])
-    moves = [(e["alias"], e["from"], e["to"]) for e in history]
-    assert moves == [("champion", None, 1), ("challenger", None, 2), ("champion", 1, 2),
-                     ("challenger", 2, None)]
-    assert history[2]["reason"] == "won the test" and history[2]["at"].startswith("20")
+    history = alias_history("m")
+    assert [(m.alias, m.from_version, m.to_version) for m in history] == [
+        ("champion", None, 1), ("challenger", None, 2), ("champion", 1, 2), ("challenger", 2, None)]
+    assert history[2].reason == "won the test" and history[2].at.year >= 2026
+    assert [m.at for m in history] == sorted(m.at for m in history)
 
 
 def test_rollback_goes_to_the_previous_champion_even_after_a_restart(state_dir):
@@ -78,8 +116,7 @@ def test_rollback_goes_to_the_previous_champion_even_after_a_restart(state_dir):
         rollback_model("m")
     assert rollback_model("m", version=3).version == 3  # a named version
     assert rollback_model("m").version == 1
-    history = json.loads(mlflow_client().get_registered_model("m").tags[HISTORY_TAG])
-    assert history[-1]["kind"] == "rollback"
+    assert alias_history("m")[-1].kind == "rollback"
 
 
 def test_rollback_without_an_earlier_champion_is_refused(state_dir):
@@ -138,3 +175,141 @@ def test_compare_versions_on_the_same_rows(state_dir, tmp_path):
     assert recorded_only.scores_on_data is None
     with pytest.raises(Exception, match="lacks the target column 'churn'"):
         compare_versions("c", 1, 2, data=churn.drop(columns=["churn"]))
+
+
+# --------------------------------------------------------------------------- retention
+def test_an_ab_test_arm_survives_registrations_beyond_keep_until_the_test_ends(state_dir):
+    registered(2)
+    promote_model("m", 1, "champion")
+    promote_model("m", 2, "challenger")
+    test_id = create_ab_test("m", traffic_split=0.5)
+    with saved_mlflow_config(keep_versions=2):
+        registered(1)
+        promote_model("m", 3, "challenger", reason="a retraining's new challenger")
+        registered(2)  # v4, v5: v2 is far beyond the 2 newest and holds no alias any more
+        assert alias_map(mlflow_client(), "m") == {"champion": 1, "challenger": 3}
+        assert versions_left() == [5, 4, 3, 2, 1]  # v2 is an arm of the running test
+        conclude_ab_test(test_id, promote_winner=False, force=True)
+        registered(1)  # the test is over: v2 (and v4) go
+        assert versions_left() == [6, 5, 3, 1]
+
+
+def test_keep_versions_from_the_saved_mlflow_config_block_is_honoured(state_dir):
+    registered(4)
+    with saved_mlflow_config(keep_versions=2):
+        assert resolve_mlflow_config().keep_versions == 2
+        registered(1)
+        assert versions_left() == [5, 4]
+    registered(1)  # no block saved: the default, 10
+    assert versions_left() == [6, 5, 4]
+    with pytest.raises(ValueError, match="keep_versions"):
+        MLflowConfig(tracking_uri="sqlite:///x.db", keep_versions=0)
+
+
+def test_the_newest_champion_export_survives_retention(state_dir):
+    churn = churn_frame().sample(900, random_state=5).reset_index(drop=True)
+    fast = dict(time_budget_s=3, candidates=["linear"])
+    train_model(churn.iloc[:400], "churn", "c", promote="always", **fast)  # v1 champion
+    export_model("c", "champion", formats=["onnx"])  # devices now run v1
+    client = mlflow_client()
+    assert {EXPORTED_AT_TAG, CHAMPION_EXPORTED_AT_TAG} <= set(client.get_model_version("c", "1").tags)
+    train_model(churn.iloc[:800], "churn", "c", promote="always", **fast)  # v2 champion
+    with saved_mlflow_config(keep_versions=1):
+        register_model("c", run_id=log_tiny_model())  # v3
+        assert versions_left("c") == [3, 2, 1]  # v1 has no alias, but is the newest export
+        # a store exported before exports were tagged: the manifest in v1's run is found
+        for key in (EXPORTED_AT_TAG, CHAMPION_EXPORTED_AT_TAG):
+            client.delete_model_version_tag("c", "1", key)
+        client.delete_registered_model_tag("c", EXPORTS_INDEXED_TAG)
+        register_model("c", run_id=log_tiny_model())  # v4
+        assert versions_left("c") == [4, 2, 1]
+        assert CHAMPION_EXPORTED_AT_TAG in client.get_model_version("c", "1").tags
+        export_model("c", "champion", formats=["onnx"])  # devices move on to v2
+        register_model("c", run_id=log_tiny_model())  # v5
+        assert versions_left("c") == [5, 2]
+
+
+# --------------------------------------------------------------------------- alias history
+@pytest.mark.parametrize("registered_before_history_runs", [False, True])
+def test_twenty_concurrent_promotions_are_all_recorded(state_dir, registered_before_history_runs):
+    if registered_before_history_runs:  # no history run yet: the first moves race to make it
+        mlflow_client().create_registered_model("m")
+        targets = extra_versions(20)
+    else:
+        registered(1)
+        targets = [1] + extra_versions(19)
+    start, errors = threading.Barrier(len(targets)), []
+
+    def promote_one(version: int) -> None:
+        try:
+            start.wait()
+            promote_alias.fn("m", version, "champion", reason=f"concurrent {version}")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote_one, args=(v,)) for v in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    history = alias_history("m")
+    assert len(history) == 20
+    assert sorted(m.to_version for m in history) == targets
+    assert {m.reason for m in history} == {f"concurrent {v}" for v in targets}
+    assert alias_map(mlflow_client(), "m")["champion"] in targets
+
+
+def test_five_hundred_moves_then_rollback_and_the_whole_history(state_dir, capsys):
+    registered(1)
+    extra_versions(2)  # v1, v2, v3
+    client = mlflow_client()
+    started = time.perf_counter()
+    for i in range(500):  # champion: 1, 2, 3, 1, 2, 3, ... (500 moves, the last to v2)
+        promote(client, "m", i % 3 + 1, "champion", reason=f"move {i}")
+    moved_s = time.perf_counter() - started
+    started = time.perf_counter()
+    history = alias_history("m")
+    read_s = time.perf_counter() - started
+    with capsys.disabled():
+        print(f"\n500 alias moves: {moved_s:.1f} s ({moved_s / 500 * 1000:.0f} ms each); "
+              f"alias_history of 500 moves: {read_s * 1000:.0f} ms (flow included)")
+    assert len(history) == 500
+    assert [m.reason for m in history] == [f"move {i}" for i in range(500)]
+    assert all(m.kind == "promote" for m in history)
+    assert (history[0].from_version, history[0].to_version) == (None, 1)
+    assert (history[-1].from_version, history[-1].to_version) == (1, 2)
+    assert rollback_model("m", reason="v2 misbehaves").version == 1
+    assert len(alias_history("m")) == 501
+
+
+def test_a_legacy_json_history_is_still_read(state_dir):
+    registered(3)
+    client = mlflow_client()
+    # as stores written before one tag per move hold it: one JSON list on the registered model
+    legacy = [{"alias": "champion", "from": None, "to": 1, "kind": "promote", "reason": "launch",
+               "at": "2026-01-05T10:00:00+00:00"},
+              {"alias": "champion", "from": 1, "to": 2, "kind": "retrain", "reason": "drift",
+               "at": "2026-02-05T10:00:00+00:00"}]
+    client.set_registered_model_tag("m", HISTORY_TAG, json.dumps(legacy))
+    client.set_registered_model_alias("m", "champion", "2")
+    promote_model("m", 3, reason="better")
+    assert moves() == [("champion", None, 1, "promote"), ("champion", 1, 2, "retraining"),
+                       ("champion", 2, 3, "promote")]
+    assert rollback_model("m").version == 2
+    assert rollback_model("m").version == 1  # known from the legacy history only
+    assert json.loads(client.get_registered_model("m").tags[HISTORY_TAG]) == legacy  # untouched
+
+
+def test_alias_history_explains_its_parameter_and_has_a_deployment(state_dir):
+    schema = alias_history.parameters.model_dump()
+    assert "Registered model name" in schema["properties"]["model_name"]["description"]
+    assert isinstance(AliasMove.model_fields["kind"].description, str)
+    with pytest.raises(ModelNotFoundError, match="no registered model named 'nope'"):
+        alias_history("nope")
+    config = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
+    [deployment] = [d for d in config["deployments"]
+                    if d["entrypoint"] == "flows/registry.py:alias_history"]
+    assert deployment["name"] == "default"
+    assert (deployment["work_pool"]["name"], deployment["work_pool"]["work_queue_name"]) == (
+        "mlops", "ml-retraining-queue")

@@ -37,6 +37,7 @@ from tasks.errors import DataError, ModelNotFoundError
 from tasks.registry import alias_map, mlflow_client, model_slug, read_alias_history
 from tasks.retraining import retraining_slot
 from tests.test_drift_flows import read_artifacts, read_events
+from tests.test_registry import log_tiny_model, saved_mlflow_config
 
 BUDGET = 4
 
@@ -298,6 +299,31 @@ def test_an_approval_nobody_gives_in_time_is_recorded_as_timed_out(base, model):
     assert record.decision == "approval_timed_out"
     [artifact] = read_artifacts(f"retraining-{model_slug(model)}")
     assert artifact.data.startswith(f"## {model}: approval timed out")
+
+
+def test_a_version_waiting_for_approval_survives_retention_while_its_alias_moves_on(base, model):
+    save_policy(model, require_approval=True)
+    outcome: list[object] = []
+    worker = threading.Thread(target=lambda: outcome.append(
+        retrain_model(model, base.labelled(model), "churn")), daemon=True)
+    worker.start()
+    paused = _paused_run(model)
+    try:
+        with saved_mlflow_config(keep_versions=1):
+            # while a person decides on v2, another challenger arrives and more versions follow
+            register_model(model, run_id=log_tiny_model())  # v3
+            promote_model(model, 3, "challenger", reason="another candidate")
+            register_model(model, run_id=log_tiny_model())  # v4: v2 holds no alias any more
+            assert alias_map(mlflow_client(), model) == {"champion": 1, "challenger": 3}
+            assert versions(model) == [1, 2, 3, 4]
+    finally:  # never leave a paused run behind
+        resume_flow_run(paused.id, run_input={"approve": False, "reviewer": "ana"})
+        worker.join(timeout=120)
+    [result] = outcome
+    assert result.decision == "rejected_by_approver" and result.challenger_version == 2
+    with saved_mlflow_config(keep_versions=1):
+        register_model(model, run_id=log_tiny_model())  # v5: nothing keeps v2 (nor v4) now
+    assert versions(model) == [1, 3, 5]
 
 
 # --------------------------------------------------------------------------- the check

@@ -1,7 +1,6 @@
 """train_model against a real Prefect API and the embedded MLflow store."""
 from __future__ import annotations
 
-import json
 
 import mlflow
 import numpy as np
@@ -11,7 +10,7 @@ from sklearn.datasets import load_diabetes, load_iris
 
 from flows.training import train_model
 from tasks.demo_data import churn_frame
-from tasks.registry import HISTORY_TAG, alias_map, mlflow_client
+from tasks.registry import alias_map, mlflow_client, read_alias_history
 from tasks.training import load_artifact_json
 
 FAST = dict(time_budget_s=10, candidates=["linear", "random_forest"])
@@ -55,7 +54,7 @@ def test_first_version_is_champion_with_everything_stored(state_dir, churn, tmp_
     holdout = pd.read_parquet(mlflow.artifacts.download_artifacts(
         run_id=result.run_id, artifact_path="mlops/holdout.parquet"))
     assert len(holdout) == 300 and "churn" in holdout.columns
-    history = json.loads(client.get_registered_model("customer_churn").tags[HISTORY_TAG])
+    history = read_alias_history(client, "customer_churn")
     assert history[-1]["alias"] == "champion" and history[-1]["to"] == 1
 
     # the registered model predicts on raw columns, unseen categories included

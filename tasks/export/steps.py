@@ -21,7 +21,7 @@ from tasks.export.base import EDGE, FORMATS, ExportError, ExportSubject, FormatP
 from tasks.export.core import FormatOutcome, Reference, export_format, sha256_file, sklearn_reference
 from tasks.export.manifest import (MANIFEST_NAME, build_manifest, write_bundle,
                                    write_manifest)
-from tasks.registry import mlflow_client, model_slug, resolve_version
+from tasks.registry import mlflow_client, model_slug, record_export, resolve_version
 from tasks.training_search import Schema, prepare_features
 
 EXPORTS = "exports"  # artifact folder in the version's run
@@ -167,6 +167,9 @@ def publish(subject: ExportSubject, outcomes: list[FormatOutcome], plan: FormatP
     client.log_artifact(run_id, str(manifest_path), artifact_path=EXPORTS)
     if bucket is not None:
         _upload(bucket, manifest_path, f"{prefix}/{MANIFEST_NAME}")
+    if any(o.result.status == "ok" for o in outcomes):
+        # version tags: retention spares the newest champion export (devices may run it)
+        record_export(client, subject.model_name, subject.version)
     return published
 
 
