@@ -21,8 +21,18 @@ Stage = Literal["champion", "challenger", "Production", "Staging"]
 def register_model(model_name: str, model_uri: str | None = None, run_id: str | None = None,
                    description: str = "", metrics: dict[str, float] | None = None,
                    tags: dict[str, str] | None = None) -> VersionInfo:
-    """Register a logged model (a model URI or a run id) as a new version of `model_name`.
-    Registering the same source again returns the existing version."""
+    """Register a logged model as a new version of a registered model (created if new).
+    Registering the same source again returns the existing version.
+
+    Args:
+        model_name: Registered model the version belongs to, e.g. customer_churn.
+        model_uri: The logged model, e.g. runs:/<run_id>/model or models:/m-<id>; empty: the
+            model of run_id.
+        run_id: MLflow run that logged the model (its `model` artifact).
+        description: Shown with the version in MLflow.
+        metrics: Numbers to record with the version, e.g. {"accuracy": 0.92}.
+        tags: Version tags to set, e.g. {"team": "growth"}.
+    """
     validate_model_name(model_name)
     uri = check_model_source(model_uri, run_id)
     return register_version(model_name, uri, run_id, description, tags or {}, metrics or {})
@@ -31,7 +41,15 @@ def register_model(model_name: str, model_uri: str | None = None, run_id: str | 
 @flow(name="promote-model")
 def promote_model(model_name: str, version: int | str, stage: Stage = "champion",
                   reason: str = "") -> VersionInfo:
-    """Point `champion` (seed: Production) or `challenger` (seed: Staging) at a version."""
+    """Point `champion` (the guide's Production) or `challenger` (Staging) at a version; every
+    move is recorded in the alias history.
+
+    Args:
+        model_name: Registered model.
+        version: A version number or an alias (champion, challenger, Production, Staging).
+        stage: champion or Production; challenger or Staging.
+        reason: Why (recorded in the alias history and the event).
+    """
     target = find_version(model_name, version)
     info = promote_alias(model_name, target.version, stage, reason)
     emit_model_event(model_name, "mlops.model.promoted",
@@ -42,7 +60,13 @@ def promote_model(model_name: str, version: int | str, stage: Stage = "champion"
 
 @flow(name="rollback-model")
 def rollback_model(model_name: str, version: int | str | None = None, reason: str = "") -> VersionInfo:
-    """Make the previous champion (or a named version) champion again."""
+    """Make the previous champion (or a named version) champion again.
+
+    Args:
+        model_name: Registered model.
+        version: The version to make champion; empty: the champion before the current one.
+        reason: Why (recorded in the alias history and the event).
+    """
     validate_model_name(model_name)
     target = find_version(model_name, version if version is not None else find_previous_champion(model_name))
     info = promote_alias(model_name, target.version, "champion", reason or "rollback", kind="rollback")
@@ -53,7 +77,11 @@ def rollback_model(model_name: str, version: int | str | None = None, reason: st
 
 @flow(name="list-versions")
 def list_versions(model_name: str) -> list[VersionInfo]:
-    """Every version of a model, newest first, with aliases, semver, metrics and tags."""
+    """Every version of a model, newest first, with aliases, semver, metrics and tags.
+
+    Args:
+        model_name: Registered model.
+    """
     return read_versions(model_name)
 
 
@@ -72,8 +100,16 @@ def alias_history(model_name: str) -> list[AliasMove]:
 @data_flow(name="compare-versions")
 def compare_versions(model_name: str, version_a: int | str, version_b: int | str,
                      data: DataRef | None = None) -> Comparison:
-    """Recorded metric and parameter differences (b − a); with `data` (labelled rows), both
-    versions scored on the same rows against the target they were trained on."""
+    """Recorded metric and parameter differences (b − a); with data, both versions scored on
+    the same rows against the target they were trained on.
+
+    Args:
+        model_name: Registered model.
+        version_a: A version number or an alias.
+        version_b: A version number or an alias.
+        data: Labelled rows to score both on: a csv/parquet path or s3:// URI (a DataFrame from
+            Python); empty: recorded metrics only.
+    """
     comparison = compare_recorded(model_name, version_a, version_b)
     if data is not None:
         loaded = load_data(data)

@@ -69,8 +69,14 @@ def should_retrain(model_name: str, data: DataRef | None = None, target: str | N
     never saw against its training profile above that threshold; the champion's primary metric
     on those rows worse than the floor; the champion older than max_model_age_days.
     Requirements (each): at least min_new_rows labelled rows the champion has not seen;
-    cooldown_hours since the last retraining. data/target: the labelled data (default: the
-    RetrainingPolicy's training_data and target). Unpacks as `(should_retrain, reason, metrics)`.
+    cooldown_hours since the last retraining. Unpacks as `(should_retrain, reason, metrics)`.
+
+    Args:
+        model_name: Registered model whose champion is checked.
+        data: Labelled rows (a csv/parquet path, a folder of batches or an s3:// URI; a
+            DataFrame from Python); empty: the RetrainingPolicy's training_data.
+        target: Label column of data; empty: the policy's target.
+        policy: Name of a saved RetrainingPolicy document; empty: the model's, else "default".
     """
     validate_model_name(model_name)
     settings = _policy(model_name, policy)
@@ -119,6 +125,16 @@ def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "ma
     Not promoted: the new version keeps `challenger`, the champion is untouched, `why` says
     why. With an active A/B test of the model the challenger is registered but `champion` does
     not move. One retraining per model at a time (a second is refused).
+
+    Args:
+        model_name: Registered model to retrain.
+        data: Labelled rows (a csv/parquet path, a folder of batches or an s3:// URI; a
+            DataFrame from Python).
+        target: Label column of data.
+        reason: Why (recorded in the retraining history).
+        trigger: What started it: manual, schedule or event.
+        policy: Name of a saved RetrainingPolicy document; empty: the model's, else "default".
+        time_budget_s: Training budget in seconds; empty: the policy's time_budget_s.
     """
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
     logger = get_run_logger()
@@ -274,6 +290,11 @@ def retraining_check(model_name: str, trigger: Trigger = "schedule",
 
     Without labelled data configured for the model there is nothing to retrain on: the run
     reports the signals and what to configure, and ends Completed. An unknown model is an error.
+
+    Args:
+        model_name: Registered model to check.
+        trigger: What started it: schedule, event or manual (recorded in the history).
+        policy: Name of a saved RetrainingPolicy document; empty: the model's, else "default".
     """
     validate_model_name(model_name)
     settings = _policy(model_name, policy)
@@ -293,7 +314,12 @@ def retraining_check(model_name: str, trigger: Trigger = "schedule",
 @flow(name="retraining-history", log_prints=True)
 def retraining_history(model_name: str, limit: int = 100) -> list[RetrainResult]:
     """Every retraining of the model (newest first): time, trigger, reason, both versions' scores
-    on the gate rows, decision and versions; also published as artifact retraining-history-<model>."""
+    on the gate rows, decision and versions; also published as artifact retraining-history-<model>.
+
+    Args:
+        model_name: Registered model.
+        limit: How many retrainings to return, newest first.
+    """
     validate_model_name(model_name)
     history = load_history(model_name, limit)
     if history:

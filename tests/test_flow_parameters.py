@@ -1,6 +1,6 @@
-"""Data parameters: every flow that takes a dataset accepts a DataFrame of any size from Python,
-records only a one-line description of it in the Prefect API, and shows a string in the UI form
-and to `prefect deployment run --param`."""
+"""Flow parameters as users see them: every flow that takes a dataset accepts a DataFrame of any
+size from Python, records only a one-line description of it in the Prefect API, and shows a
+string in the UI form and to `prefect deployment run --param`; every form field is explained."""
 from __future__ import annotations
 
 import importlib
@@ -91,3 +91,11 @@ def test_a_path_is_recorded_as_given(tmp_path):
     assert state.result() == 3.0
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(state.state_details.flow_run_id).parameters["data"] == str(path)
+
+
+@pytest.mark.parametrize("name,flow_object", every_flow(), ids=[n for n, _ in every_flow()])
+def test_every_deployment_form_explains_every_parameter(name, flow_object):
+    """The Prefect UI's run form shows the docstring's `Args:` entry under each field."""
+    fields = flow_object.parameters.properties
+    unexplained = [p for p, schema in fields.items() if not schema.get("description")]
+    assert unexplained == [], f"{name}: add these to the docstring's Args: section: {unexplained}"
