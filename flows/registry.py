@@ -57,7 +57,7 @@ def list_versions(model_name: str) -> list[VersionInfo]:
     return read_versions(model_name)
 
 
-@data_flow(name="compare-versions")
+@data_flow(name="compare-versions", persist_result=True)
 def compare_versions(model_name: str, version_a: int | str, version_b: int | str,
                      data: DataRef | None = None) -> Comparison:
     """Recorded metric and parameter differences (b − a); with `data` (labelled rows), both

@@ -1,0 +1,41 @@
+"""Logging of the service: with MLOPS_LOG_FORMAT=json, Prefect's logging configuration with a
+JSON console handler (deployments/logging-json.yml) for the service, uvicorn and in-process
+flow runs; otherwise Prefect's own configuration, untouched."""
+from __future__ import annotations
+
+import logging
+import logging.config
+import os
+from pathlib import Path
+
+JSON_CONFIG = Path(__file__).resolve().parent.parent / "deployments" / "logging-json.yml"
+
+
+def json_logging_requested() -> bool:
+    return os.environ.get("MLOPS_LOG_FORMAT", "").strip().lower() == "json"
+
+
+def configure_logging() -> None:
+    """Apply the JSON configuration when MLOPS_LOG_FORMAT=json (idempotent)."""
+    if not json_logging_requested():
+        return
+    from prefect.logging.configuration import load_logging_config
+
+    os.environ.setdefault("PREFECT_LOGGING_SETTINGS_PATH", str(JSON_CONFIG))
+    config = load_logging_config(JSON_CONFIG)
+    config["incremental"] = False
+    logging.config.dictConfig(config)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        # uvicorn's own config would install its text handlers; ours take over
+        log = logging.getLogger(name)
+        log.handlers = [h for h in logging.getLogger().handlers]
+        log.propagate = False
+
+
+def uvicorn_log_config() -> dict | None:
+    """`log_config` for uvicorn.run: None (keep ours) in JSON mode, uvicorn's default otherwise."""
+    if json_logging_requested():
+        return None
+    from uvicorn.config import LOGGING_CONFIG
+
+    return LOGGING_CONFIG
