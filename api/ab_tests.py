@@ -80,7 +80,7 @@ def conclude(test_id: str, body: ConcludeRequest | None = None,
 
 @router.post("/{test_id}/outcomes", response_model=OutcomeReport)
 def outcomes(test_id: str, body: OutcomesRequest, key: KeyRecord = Depends(require("write"))):
-    """Record outcomes of routed entities (data plane: no flow run)."""
+    """Record outcomes of routed entities (data plane: a task run, no flow run)."""
     frame = pd.DataFrame({"id": [o.id for o in body.outcomes],
                           "outcome": [o.outcome for o in body.outcomes]})
-    return record_outcome_rows.fn(check_test_id(test_id), frame, "id", "outcome")
+    return record_outcome_rows(check_test_id(test_id), frame, "id", "outcome")

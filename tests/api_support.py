@@ -28,8 +28,8 @@ class World:
     def auth(self, scope: str = "admin") -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[scope]}"}
 
-    def get(self, path: str, scope: str = "read", **kw):
-        return self.client.get(BASE + path, headers=self.auth(scope), **kw)
+    def get(self, path: str, scope: str = "read", headers: dict | None = None, **kw):
+        return self.client.get(BASE + path, headers={**self.auth(scope), **(headers or {})}, **kw)
 
     def post(self, path: str, body: dict | None = None, scope: str = "write", **kw):
         return self.client.post(BASE + path, json=body, headers=self.auth(scope), **kw)
