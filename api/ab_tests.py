@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from api.auth import KeyRecord
-from api.deps import require, working_on
+from api.deps import audited, require, working_on
 from api.errors import ERROR_RESPONSES
 from flows.ab_testing import conclude_ab_test, create_ab_test
 from tasks.ab import check_test_id
@@ -52,7 +52,8 @@ class OutcomesRequest(BaseModel):
 def create(body: CreateRequest, key: KeyRecord = Depends(require("write"))):
     """Start an A/B test of two versions (one active test per model)."""
     working_on(body.model_name)
-    test_id = create_ab_test(**body.model_dump())
+    with audited(key):
+        test_id = create_ab_test(**body.model_dump())
     return next(t for t in read_tests.fn(body.model_name, None) if t.test_id == test_id)
 
 
@@ -75,7 +76,8 @@ def conclude(test_id: str, body: ConcludeRequest | None = None,
              key: KeyRecord = Depends(require("write"))):
     """Close the test; a winning challenger becomes champion (promote_winner)."""
     body = body or ConcludeRequest()
-    return conclude_ab_test(check_test_id(test_id), body.promote_winner, body.force)
+    with audited(key):
+        return conclude_ab_test(check_test_id(test_id), body.promote_winner, body.force)
 
 
 @router.post("/{test_id}/outcomes", response_model=OutcomeReport)

@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 from fastapi import Depends, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prefect import Flow
+from prefect import Flow, tags
 from pydantic import BaseModel, Field
 
 from api.auth import KeyRecord, grants
@@ -36,6 +36,11 @@ def require(scope: str) -> Callable[..., KeyRecord]:
 
     check.__name__ = f"require_{scope}"
     return check
+
+
+def audited(key: KeyRecord):
+    """Tags of the flow runs a write starts: who asked (the key's name) shows in the Prefect UI."""
+    return tags("api", f"api-key:{key.name}")
 
 
 def working_on(model_name: str | None, version: Any = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
 from typing import Any
 
@@ -24,6 +25,7 @@ from tasks.log_fields import request_id_var
 from tasks.retraining import RetrainingInProgressError
 
 logger = logging.getLogger("api")
+access_logger = logging.getLogger("api.access")
 REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -192,11 +194,13 @@ class RequestContextMiddleware:
         header = (REQUEST_ID_HEADER.lower().encode(), rid.encode())
 
         started = False
+        status = 500
+        began = time.perf_counter()
 
         async def send_with_id(message):
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
-                started = True
+                started, status = True, message["status"]
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
@@ -219,6 +223,8 @@ class RequestContextMiddleware:
                 response = answer_exception(Request(scope), exc)
                 await response(scope, receive, send_with_id)
         finally:
+            access_logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status,
+                               (time.perf_counter() - began) * 1000)
             request_id_var.reset(token)
 
     def _limited(self, receive):

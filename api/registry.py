@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from api.auth import KeyRecord
-from api.deps import Accepted, accepted, require, working_on
+from api.deps import Accepted, accepted, audited, require, working_on
 from api.errors import ERROR_RESPONSES, APIError
 from flows.registry import compare_versions, promote_model, register_model, rollback_model
 from flows.training import train_model
@@ -74,15 +74,17 @@ def register(body: RegisterRequest, request: Request, response: Response,
     model_uri, run_id = body.model_uri, body.run_id
     if not model_uri and not run_id:
         model_uri, run_id = find_unregistered_model.fn(body.model_name)
-    return register_model(body.model_name, model_uri=model_uri, run_id=run_id,
-                          description=body.description, metrics=body.metrics, tags=body.tags)
+    with audited(key):
+        return register_model(body.model_name, model_uri=model_uri, run_id=run_id,
+                              description=body.description, metrics=body.metrics, tags=body.tags)
 
 
 @router.post("/models/promote", response_model=VersionInfo)
 def promote(body: PromoteRequest, key: KeyRecord = Depends(require("write"))):
     """Point `champion` (Production) or `challenger` (Staging) at a version; recorded."""
     working_on(body.model_name, body.version)
-    return promote_model(body.model_name, body.version, body.stage, body.reason)
+    with audited(key):
+        return promote_model(body.model_name, body.version, body.stage, body.reason)
 
 
 @router.get("/models/{name}/versions", response_model=list[VersionInfo])
@@ -115,4 +117,5 @@ def rollback(name: str, body: RollbackRequest | None = None,
     """Make the previous champion (or `version`) champion again."""
     body = body or RollbackRequest()
     working_on(name, body.version)
-    return rollback_model(name, body.version, body.reason)
+    with audited(key):
+        return rollback_model(name, body.version, body.reason)

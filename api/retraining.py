@@ -5,7 +5,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from api.auth import KeyRecord
-from api.deps import Accepted, accepted, require, working_on
+from api.deps import Accepted, accepted, audited, require, working_on
 from api.errors import ERROR_RESPONSES, APIError
 from blocks.retraining_policy import resolve_retraining_policy
 from flows.retraining import retrain_model, schedule_retraining_check, should_retrain
@@ -44,7 +44,8 @@ def check(body: CheckRequest, key: KeyRecord = Depends(require("write"))):
     working_on(body.model_name)
     if body.data and not body.target:
         raise APIError(422, "ValidationError", "target is required with data", "target")
-    return should_retrain(body.model_name, body.data, body.target)
+    with audited(key):
+        return should_retrain(body.model_name, body.data, body.target)
 
 
 @router.post("/trigger/{name}", response_model=Accepted, status_code=202)
@@ -69,7 +70,8 @@ def trigger(name: str, request: Request, response: Response, body: TriggerReques
 def schedule(body: ScheduleRequest, key: KeyRecord = Depends(require("admin"))):
     """Add or update the model's schedule of the `retraining-check/default` deployment."""
     working_on(body.model_name)
-    return schedule_retraining_check(body.model_name, body.cron, body.timezone, body.active)
+    with audited(key):
+        return schedule_retraining_check(body.model_name, body.cron, body.timezone, body.active)
 
 
 @router.get("/history", response_model=list[RetrainResult])

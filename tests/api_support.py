@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.auth import KeyFile
 from blocks.api_settings import APISettings
+from blocks.mlflow_config import resolve_mlflow_config
 
 BASE = "/api/v1/mlops"
 FAST = {"time_budget_s": 5, "candidates": ["linear"]}
@@ -54,6 +55,14 @@ class World:
             time.sleep(0.3)
 
 
+def use_experiment(name: str) -> None:
+    """Make `name` the active MLflow experiment, its artifacts in the state folder (not ./mlruns)."""
+    config = resolve_mlflow_config()
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=f"{config.artifact_location}/{name}")
+    mlflow.set_experiment(name)
+
+
 def make_world(tmp_path_factory, template_db: Path, name: str):
     """(World, undo): MLOPS_HOME on a fresh state folder, three keys, the app and its client."""
     home = tmp_path_factory.mktemp(name)
@@ -62,6 +71,7 @@ def make_world(tmp_path_factory, template_db: Path, name: str):
     shutil.copyfile(template_db, state / "mlflow.db")
     mp = pytest.MonkeyPatch()
     mp.setenv("MLOPS_HOME", str(state))
+    resolve_mlflow_config().apply()  # the tests' own mlflow calls go to the same store
     keys_file = KeyFile(home / "keys.json")
     keys = {scope: keys_file.create(f"test-{scope}", [scope])[0]
             for scope in ("read", "write", "admin")}

@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 
 from api.keys import main as keys_cli
 from tasks.demo_data import churn_frame
-from tests.api_support import BASE, FAST, assert_error, make_world
+from tests.api_support import BASE, FAST, assert_error, make_world, use_experiment
 
 MODEL = "churn_api"
 
@@ -42,7 +42,7 @@ def trained(world):
 def user_logged_run(model_name: str, accuracy: float = 0.9) -> str:
     """A model logged by a user's own code (mlflow.sklearn.log_model), not registered."""
     model = LogisticRegression().fit([[0.0], [1.0], [2.0], [3.0]], [0, 0, 1, 1])
-    mlflow.set_experiment("user-experiments")
+    use_experiment("user-experiments")
     with mlflow.start_run() as run:
         mlflow.log_metric("accuracy", accuracy)
         mlflow.sklearn.log_model(model, name=model_name, pip_requirements=["scikit-learn"])
