@@ -32,7 +32,7 @@ def create_app(settings: APISettings | None = None) -> FastAPI:
     """The application, configured by `settings` (default: the saved `APISettings` block, else
     the embedded defaults)."""
     configure_logging()
-    settings = settings or resolve_api_settings()
+    settings = settings or _in_a_thread(resolve_api_settings)
     app = FastAPI(
         title="mlops-flows",
         version="1",
@@ -59,9 +59,18 @@ def create_app(settings: APISettings | None = None) -> FastAPI:
         """Liveness: the service answers (no key needed)."""
         return Health()
 
-    logger.info("mlops-flows API ready: %d routes under %s, keys in %s", len(app.routes), BASE,
+    logger.info("mlops-flows API ready under %s (OpenAPI at /docs), keys in %s", BASE,
                 settings.keys_path())
     return app
+
+
+def _in_a_thread(fn):
+    """Call a sync Prefect function from here even when an event loop runs in this thread (uvicorn
+    calls the factory inside its loop, where Prefect's sync calls would return coroutines)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn).result()
 
 
 def _body_fields(app: FastAPI) -> set[str]:

@@ -25,8 +25,8 @@ def configure_logging() -> None:
     config = load_logging_config(JSON_CONFIG)
     config["incremental"] = False
     logging.config.dictConfig(config)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        # uvicorn's own config would install its text handlers; ours take over
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "mlflow", "alembic"):
+        # these libraries install text handlers of their own; the JSON handler takes over
         log = logging.getLogger(name)
         log.handlers = [h for h in logging.getLogger().handlers]
         log.propagate = False
