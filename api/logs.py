@@ -16,8 +16,11 @@ def json_logging_requested() -> bool:
 
 
 def configure_logging() -> None:
-    """Apply the JSON configuration when MLOPS_LOG_FORMAT=json (idempotent)."""
+    """Apply the JSON configuration when MLOPS_LOG_FORMAT=json (idempotent); either way the
+    service's own lines and uvicorn's start-up lines at MLOPS_LOG_LEVEL (default INFO)."""
+    level = os.environ.get("MLOPS_LOG_LEVEL", "INFO").upper()
     if not json_logging_requested():
+        _set_levels(level)
         return
     from prefect.logging.configuration import load_logging_config
 
@@ -30,6 +33,14 @@ def configure_logging() -> None:
         log = logging.getLogger(name)
         log.handlers = [h for h in logging.getLogger().handlers]
         log.propagate = False
+    _set_levels(level)
+
+
+def _set_levels(level: str) -> None:
+    # Prefect's configuration puts these at PREFECT_(SERVER_)LOGGING_LEVEL (WARNING by default)
+    for name in ("api", "uvicorn", "uvicorn.error"):
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)  # api.access has the request id
 
 
 def uvicorn_log_config() -> dict | None:
