@@ -136,6 +136,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # a body that is not JSON (or not UTF-8): bad input
+            return error_response(422, "ValidationError", f"the request body is not valid JSON "
+                                  f"({exc.detail})")
         kind = {404: "NotFound", 405: "MethodNotAllowed", 413: "RequestTooLarge"}.get(
             exc.status_code, "HTTPError")
         return error_response(exc.status_code, kind, str(exc.detail))
