@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from api.auth import KeyRecord
-from api.deps import audited, require, working_on
+from api.deps import as_json, audited, require, working_on
 from api.errors import ERROR_RESPONSES
 from flows.ab_testing import conclude_ab_test, create_ab_test
 from tasks.ab import check_test_id
@@ -54,7 +54,8 @@ def create(body: CreateRequest, key: KeyRecord = Depends(require("write"))):
     working_on(body.model_name)
     with audited(key):
         test_id = create_ab_test(**body.model_dump())
-    return next(t for t in read_tests.fn(body.model_name, None) if t.test_id == test_id)
+    return as_json(next(t for t in read_tests.fn(body.model_name, None) if t.test_id == test_id),
+                   201)
 
 
 @router.get("/active", response_model=list[ABTestInfo])
@@ -62,13 +63,13 @@ def active(model_name: str | None = Query(None), key: KeyRecord = Depends(requir
     """Active tests (of one model, or all), newest first, with routed and outcome counts."""
     if model_name is not None:
         working_on(validate_model_name(model_name))
-    return read_tests.fn(model_name, "active")
+    return as_json(read_tests.fn(model_name, "active"))
 
 
 @router.get("/{test_id}/results", response_model=ABResults)
 def results(test_id: str, key: KeyRecord = Depends(require("read"))):
     """Per-arm numbers, statistics, SRM, guardrails and a recommendation (a read: no run)."""
-    return read_results.fn(check_test_id(test_id))
+    return as_json(read_results.fn(check_test_id(test_id)))
 
 
 @router.post("/{test_id}/conclude", response_model=ABResults)
@@ -77,7 +78,7 @@ def conclude(test_id: str, body: ConcludeRequest | None = None,
     """Close the test; a winning challenger becomes champion (promote_winner)."""
     body = body or ConcludeRequest()
     with audited(key):
-        return conclude_ab_test(check_test_id(test_id), body.promote_winner, body.force)
+        return as_json(conclude_ab_test(check_test_id(test_id), body.promote_winner, body.force))
 
 
 @router.post("/{test_id}/outcomes", response_model=OutcomeReport)
@@ -85,4 +86,4 @@ def outcomes(test_id: str, body: OutcomesRequest, key: KeyRecord = Depends(requi
     """Record outcomes of routed entities (data plane: a task run, no flow run)."""
     frame = pd.DataFrame({"id": [o.id for o in body.outcomes],
                           "outcome": [o.outcome for o in body.outcomes]})
-    return record_outcome_rows(check_test_id(test_id), frame, "id", "outcome")
+    return as_json(record_outcome_rows(check_test_id(test_id), frame, "id", "outcome"))

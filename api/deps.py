@@ -1,7 +1,8 @@
 """What routes share: the key check with scopes, the caller's name, long-work answers."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from fastapi import Depends, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -10,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from api.auth import KeyRecord, grants
 from api.errors import APIError
+from flows.local_runs import local_run_settings
 from tasks.log_fields import model_name_var, version_var
 
 BASE = "/api/v1/mlops"
@@ -20,8 +22,9 @@ def require(scope: str) -> Callable[..., KeyRecord]:
     """A dependency admitting keys that grant `scope` (401 without or with a wrong key, 403
     without the scope)."""
 
-    def check(request: Request,
-              credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> KeyRecord:
+    async def check(request: Request,  # async: no thread hop (the lookup never blocks long)
+                    credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+                    ) -> KeyRecord:
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise APIError(401, "Unauthorized", "no API key: send 'Authorization: Bearer <key>' "
                            "(create one with `python -m api.keys create NAME`)")
@@ -38,9 +41,24 @@ def require(scope: str) -> Callable[..., KeyRecord]:
     return check
 
 
-def audited(key: KeyRecord):
-    """Tags of the flow runs a write starts: who asked (the key's name) shows in the Prefect UI."""
-    return tags("api", f"api-key:{key.name}")
+def as_json(value: BaseModel | list[BaseModel], status_code: int = 200) -> Response:
+    """A result model (or a list of them) as the answer's JSON, serialized once by pydantic-core:
+    the route's `response_model` documents the same schema without FastAPI validating and
+    re-serializing the flow's own result a second time."""
+    if isinstance(value, BaseModel):
+        body = value.model_dump_json()
+    else:
+        body = "[" + ",".join(v.model_dump_json() for v in value) + "]"
+    return Response(body, status_code=status_code, media_type="application/json")
+
+
+@contextmanager
+def audited(key: KeyRecord) -> Iterator[None]:
+    """Around a write's in-process flow run: tags saying who asked (the key's name, shown in the
+    Prefect UI), and no flow-run heartbeat (it serves only worker-run deployments and costs up
+    to 1 s at the end of every in-process flow run)."""
+    with local_run_settings(), tags("api", f"api-key:{key.name}"):
+        yield
 
 
 def working_on(model_name: str | None, version: Any = None) -> None:

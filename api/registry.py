@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from api.auth import KeyRecord
-from api.deps import Accepted, accepted, audited, require, working_on
+from api.deps import Accepted, accepted, as_json, audited, require, working_on
 from api.errors import ERROR_RESPONSES, APIError
 from flows.registry import compare_versions, promote_model, register_model, rollback_model
 from flows.training import train_model
@@ -75,8 +75,9 @@ def register(body: RegisterRequest, request: Request, response: Response,
     if not model_uri and not run_id:
         model_uri, run_id = find_unregistered_model.fn(body.model_name)
     with audited(key):
-        return register_model(body.model_name, model_uri=model_uri, run_id=run_id,
-                              description=body.description, metrics=body.metrics, tags=body.tags)
+        return as_json(register_model(body.model_name, model_uri=model_uri, run_id=run_id,
+                                      description=body.description, metrics=body.metrics,
+                                      tags=body.tags))
 
 
 @router.post("/models/promote", response_model=VersionInfo)
@@ -84,14 +85,14 @@ def promote(body: PromoteRequest, key: KeyRecord = Depends(require("write"))):
     """Point `champion` (Production) or `challenger` (Staging) at a version; recorded."""
     working_on(body.model_name, body.version)
     with audited(key):
-        return promote_model(body.model_name, body.version, body.stage, body.reason)
+        return as_json(promote_model(body.model_name, body.version, body.stage, body.reason))
 
 
 @router.get("/models/{name}/versions", response_model=list[VersionInfo])
 def versions(name: str, key: KeyRecord = Depends(require("read"))):
     """Every version, newest first, with aliases, semver, metrics and tags."""
     working_on(name)
-    return read_versions.fn(name)
+    return as_json(read_versions.fn(name))
 
 
 @router.get("/models/{name}/compare", response_model=Comparison | Accepted,
@@ -108,7 +109,7 @@ def compare(name: str, request: Request, response: Response,
         return accepted(request, response, compare_versions,
                         {"model_name": name, "version_a": version_a, "version_b": version_b,
                          "data": data}, key)
-    return compare_recorded.fn(name, version_a, version_b)
+    return as_json(compare_recorded.fn(name, version_a, version_b))
 
 
 @router.post("/models/{name}/rollback", response_model=VersionInfo)
@@ -118,4 +119,4 @@ def rollback(name: str, body: RollbackRequest | None = None,
     body = body or RollbackRequest()
     working_on(name, body.version)
     with audited(key):
-        return rollback_model(name, body.version, body.reason)
+        return as_json(rollback_model(name, body.version, body.reason))

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from api.auth import KeyRecord
-from api.deps import Accepted, accepted, audited, require, working_on
+from api.deps import Accepted, accepted, as_json, audited, require, working_on
 from api.errors import ERROR_RESPONSES, APIError
 from blocks.retraining_policy import resolve_retraining_policy
 from flows.retraining import retrain_model, schedule_retraining_check, should_retrain
@@ -45,7 +45,7 @@ def check(body: CheckRequest, key: KeyRecord = Depends(require("write"))):
     if body.data and not body.target:
         raise APIError(422, "ValidationError", "target is required with data", "target")
     with audited(key):
-        return should_retrain(body.model_name, body.data, body.target)
+        return as_json(should_retrain(body.model_name, body.data, body.target))
 
 
 @router.post("/trigger/{name}", response_model=Accepted, status_code=202)
@@ -71,7 +71,8 @@ def schedule(body: ScheduleRequest, key: KeyRecord = Depends(require("admin"))):
     """Add or update the model's schedule of the `retraining-check/default` deployment."""
     working_on(body.model_name)
     with audited(key):
-        return schedule_retraining_check(body.model_name, body.cron, body.timezone, body.active)
+        return as_json(schedule_retraining_check(body.model_name, body.cron, body.timezone,
+                                                 body.active))
 
 
 @router.get("/history", response_model=list[RetrainResult])
@@ -80,4 +81,4 @@ def history(model_name: str = Query(examples=["customer_churn"]),
     """Every retraining of the model, newest first (a read: no run)."""
     working_on(model_name)
     get_registered_model(mlflow_client(), model_name)
-    return read_history(model_name, limit)
+    return as_json(read_history(model_name, limit))
