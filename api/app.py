@@ -78,6 +78,7 @@ def _body_fields(app: FastAPI) -> set[str]:
     names: set[str] = set()
     for module in (registry, ab_tests, exports, retraining):
         for obj in vars(module).values():
-            if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__name__.endswith("Request"):
+            if (isinstance(obj, type) and issubclass(obj, BaseModel)
+                    and obj.__name__.endswith("Request")):
                 names |= set(obj.model_fields)
     return names

@@ -89,8 +89,8 @@ class KeyFile:
             raise ValueError(f"an active key named {name!r} exists; revoke it first or pick "
                              "another name")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        record = KeyRecord(name=name, sha256=hash_key(key), scopes=sorted(set(scopes), key=SCOPES.index),
-                           created_at=_now())
+        record = KeyRecord(name=name, sha256=hash_key(key),
+                           scopes=sorted(set(scopes), key=SCOPES.index), created_at=_now())
         self.write(records + [record])
         return key, record
 

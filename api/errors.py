@@ -67,7 +67,7 @@ STATUS_BY_TYPE: list[tuple[type[BaseException], int]] = [
 ]
 FIELD_OF_TYPE = {InvalidModelNameError: "model_name", DataError: "data"}
 
-# (status, type, field) of an error whose documented answer responses list
+# The error answers every route documents in its OpenAPI responses
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in {
         401: "No key or a wrong key", 403: "The key lacks the scope",

@@ -1,6 +1,7 @@
 """Export routes: start an export (long work) and download a published file."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +14,6 @@ from api.deps import Accepted, accepted, require, working_on
 from api.errors import ERROR_RESPONSES, APIError
 from blocks.mlflow_config import state_dir
 from flows.export import export_model
-from tasks.errors import MlopsError
 from tasks.export.base import ExportError
 from tasks.export.core import sha256_file
 from tasks.export.steps import fetch_export
@@ -53,24 +53,21 @@ def export(body: ExportRequest, request: Request, response: Response,
 
 @router.get("/{name}/{version}/download", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}},
-                             "description": "The exported file"}, 304: {"description": "Not modified"}})
+                             "description": "The exported file"},
+                       304: {"description": "Not modified"}})
 def download(name: str, version: str, request: Request,
              format: FormatName = Query("onnx", description="edge: the zip bundle"),
              key: KeyRecord = Depends(require("read"))):
     """A published export of a version (verified against its manifest's sha256): the file,
     its `ETag` (the sha256) and a `Content-Disposition` name."""
-    import re
-
     if not NAME_PATTERN.match(name) or not re.match(VERSION_OR_ALIAS, version):
         raise APIError(404, "NotFound", f"no export of {name!r} version {version!r}")
     working_on(name, version)
     store = (state_dir() / "downloads").resolve()
     try:
         path = Path(fetch_export(name, version, format)).resolve()
-    except ExportError as exc:
+    except ExportError as exc:  # never exported, or not to this format
         raise APIError(404, "ExportNotFound", str(exc)) from None
-    except MlopsError:
-        raise
     if not path.is_relative_to(store) or not path.is_file():
         raise APIError(404, "NotFound", f"no export of {name!r} version {version!r}")
     etag = f'"{sha256_file(path)}"'

@@ -70,8 +70,8 @@ class Launcher:
         if self.deployment_exists(name):
             flow_run = run_deployment(name, parameters=parameters, timeout=0, tags=run_tags,
                                       as_subflow=False)
-            return Launched(str(flow_run.id), flow_run.state.name if flow_run.state else "Scheduled",
-                            name)
+            state = flow_run.state.name if flow_run.state else "Scheduled"
+            return Launched(str(flow_run.id), state, name)
         return self._in_thread(flow, parameters, run_tags)
 
     def _in_thread(self, flow: Flow, parameters: dict[str, Any], run_tags: list[str]) -> Launched:
@@ -103,7 +103,8 @@ class Launcher:
         with self._lock:
             threading.Thread(target=work, name=f"mlops-{flow.name}", daemon=True).start()
         if not started.wait(START_TIMEOUT_S):
-            raise TimeoutError(f"the {flow.name} flow run did not start within {START_TIMEOUT_S:.0f} s")
+            raise TimeoutError(f"the {flow.name} flow run did not start within "
+                               f"{START_TIMEOUT_S:.0f} s")
         if "id" not in box:  # refused before a flow run existed (e.g. invalid parameters)
             raise box["error"]
         self._keep(box["id"], self._outcomes.get(box["id"]) or Outcome())

@@ -57,7 +57,8 @@ def run_status(flow_run_id: str, request: Request, key: KeyRecord = Depends(requ
     kind = state.type.value if state else "PENDING"
     status = RunStatus(flow_run_id=flow_run_id, state=state.name if state else "Pending",
                        state_type=kind, name=flow_run.name, flow_name=flow_name,
-                       deployment_id=str(flow_run.deployment_id) if flow_run.deployment_id else None)
+                       deployment_id=str(flow_run.deployment_id) if flow_run.deployment_id
+                       else None)
     kept = request.app.state.launcher.outcome(flow_run_id)
     if kind == "COMPLETED":
         if kept is not None and kept.done and kept.error is None:

@@ -41,7 +41,9 @@ class APISettings(Block):
         description="Largest request body accepted (413 above it).")
 
     def keys_path(self) -> Path:
-        return Path(self.keys_file).expanduser() if self.keys_file else state_dir() / "api" / KEYS_FILE
+        if self.keys_file:
+            return Path(self.keys_file).expanduser()
+        return state_dir() / "api" / KEYS_FILE
 
 
 def resolve_api_settings() -> APISettings:

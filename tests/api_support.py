@@ -56,7 +56,7 @@ class World:
 
 
 def use_experiment(name: str) -> None:
-    """Make `name` the active MLflow experiment, its artifacts in the state folder (not ./mlruns)."""
+    """Make `name` the active MLflow experiment, artifacts in the state folder (not ./mlruns)."""
     config = resolve_mlflow_config()
     if mlflow.get_experiment_by_name(name) is None:
         mlflow.create_experiment(name, artifact_location=f"{config.artifact_location}/{name}")
