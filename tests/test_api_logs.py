@@ -1,5 +1,6 @@
 """REST API: JSON log lines (MLOPS_LOG_FORMAT=json) of the service and its in-process flow runs,
-no key in any log, and the audit trail of writes (flow runs tagged with the key's name)."""
+no key in any log, the audit trail of writes (flow runs tagged with the key's name), and reads
+that leave no trace (no flow run, task run or artifact)."""
 from __future__ import annotations
 
 import io
@@ -97,3 +98,23 @@ def test_writes_are_flow_runs_tagged_with_the_keys_name(world):
             tags=FlowRunFilterTags(all_=["api-key:test-write"])))
     assert runs, "no flow run tagged with the key's name"
     assert "api" in runs[0].tags
+
+
+def test_reads_leave_no_trace_in_prefect(world):
+    run_id = log_a_model()
+    registered = world.post("/models/register", {"model_name": MODEL, "run_id": run_id})
+    assert registered.status_code == 200, registered.text
+    newest = str(registered.json()["version"])
+    with get_client(sync_client=True) as client:
+        before = (client.count_flow_runs(), len(client.read_task_runs()),
+                  len(client.read_artifacts()))
+    for path, params in ((f"/models/{MODEL}/versions", None),
+                         (f"/models/{MODEL}/compare", {"version_a": "1", "version_b": newest}),
+                         ("/ab-tests/active", {"model_name": MODEL}),
+                         ("/retraining/history", {"model_name": MODEL})):
+        r = world.get(path, params=params)
+        assert r.status_code == 200, (path, r.text)
+    with get_client(sync_client=True) as client:
+        after = (client.count_flow_runs(), len(client.read_task_runs()),
+                 len(client.read_artifacts()))
+    assert after == before
