@@ -120,3 +120,8 @@ def test_the_api_logs_json_lines_and_never_the_key(stack):
                            "request_id", "flow_run_id"} <= set(p) for p in parsed)
     for log in (stack.stack_dir / "logs").glob("*.log"):
         assert key not in log.read_text(errors="replace"), log
+    # the worker and the flow runs it started log JSON lines too, flow lines with their run id
+    worker = [json.loads(line) for line in
+              (stack.stack_dir / "logs" / "worker.log").read_text().splitlines()
+              if line.startswith("{")]
+    assert any(line["flow_run_id"] for line in worker), worker[-5:]
