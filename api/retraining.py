@@ -10,7 +10,7 @@ from api.errors import ERROR_RESPONSES, APIError
 from blocks.retraining_policy import resolve_retraining_policy
 from flows.retraining import retrain_model, schedule_retraining_check, should_retrain
 from tasks.registry import get_registered_model, mlflow_client, validate_model_name
-from tasks.retraining import read_history
+from tasks.retraining import check_slot_free, read_history
 from tasks.retraining_rules import RetrainDecision, RetrainResult
 from tasks.schedules import ScheduleInfo
 
@@ -59,6 +59,7 @@ def trigger(name: str, request: Request, response: Response, body: TriggerReques
     if not data or not target:
         policy_data, policy_target = resolve_retraining_policy(name).labelled_data(name)
         data, target = data or policy_data, target or policy_target
+    check_slot_free(name)
     params = {"model_name": name, "data": data, "target": target, "reason": body.reason,
               "trigger": "manual"}
     if body.time_budget_s is not None:

@@ -10,6 +10,7 @@ from prefect.client.orchestration import get_client
 from flows.registry import compare_versions
 from flows.retraining import retraining_check
 from flows.training import train_model
+from tasks.retraining import retraining_slot
 from tasks.demo_data import churn_frame
 from tests.api_support import BASE, FAST, assert_error, make_world
 
@@ -173,6 +174,13 @@ def test_check(world):
                                                   "data": str(world.home / "missing.csv"),
                                                   "target": "churn"}), 422, "DataError",
                  field="data")
+
+
+def test_trigger_while_a_retraining_runs_is_409(world):
+    body = {"data": str(world.labelled), "target": "churn"}
+    with retraining_slot(MODEL):
+        assert_error(world.post(f"/retraining/trigger/{MODEL}", body), 409,
+                     "RetrainingInProgressError", contains="nothing was started")
 
 
 def test_trigger_is_long_work_and_history_reads_it(world):
