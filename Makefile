@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_LOGGING_LEVEL ?= WARNING
 
-.PHONY: demo test venv venv-dev up down bench clean
+.PHONY: demo test venv venv-dev up down serve bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ up: venv
 
 down:
 	bash deployments/down.sh
+
+# The REST API alone on embedded defaults (or on the Prefect API your profile names), where the
+# APISettings block says (default 127.0.0.1:8000; HOST=/PORT= override): OpenAPI at /docs.
+# Create a key first: $(BIN)/python -m api.keys create me --scope admin
+serve: venv
+	PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=$${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-120} \
+	  $(BIN)/python -m api $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 bench: venv-dev
 	$(BIN)/python bench/overhead.py

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Stop what deployments/up.sh started (`make down`): the worker, the MLflow server and the Prefect
-# server, each as a whole process group, by the PIDs up.sh recorded in $MLOPS_STACK_DIR/pids.
+# Stop what deployments/up.sh started (`make down`): the REST API, the worker, the MLflow server
+# and the Prefect server, each as a whole process group, by the PIDs up.sh recorded in $MLOPS_STACK_DIR/pids.
 # Restores the Prefect profile that was active before up.sh. Data (databases, artifacts, logs)
 # stays in the stack dir; `make clean` removes .mlops. Safe to call twice, or with nothing running.
 #
@@ -65,9 +65,10 @@ if [ -d "$PIDS" ]; then
   # The worker (and its flow runs) first, so it does not log errors about a vanished API; then
   # both servers at once.
   found=0
-  for name in worker mlflow-server prefect-server; do
+  for name in api worker mlflow-server prefect-server; do
     [ -f "$PIDS/$name.pid" ] && found=1
   done
+  stop api
   stop worker
   stop mlflow-server &
   stop prefect-server &

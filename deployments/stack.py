@@ -195,6 +195,22 @@ def save_mlflow_config(tracking_uri: str) -> None:
     print(f"MLflowConfig/{DEFAULT_DOCUMENT} -> {tracking_uri}")
 
 
+def save_api_settings(host: str, port: str, keys_file: str) -> None:
+    """Save the `default` APISettings document the REST service and `python -m api.keys` resolve
+    (blocks/api_settings.py): where it listens and where the hashed keys live."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from blocks.api_settings import APISettings
+    from blocks.mlflow_config import DEFAULT_DOCUMENT
+
+    try:
+        current = APISettings.load(DEFAULT_DOCUMENT)
+    except ValueError:
+        current = APISettings()
+    current.host, current.port, current.keys_file = host, int(port), keys_file
+    current.save(DEFAULT_DOCUMENT, overwrite=True)
+    print(f"APISettings/{DEFAULT_DOCUMENT} -> {host}:{port}, keys in {keys_file}")
+
+
 def profile_activate(name: str, api_url: str, statefile: str) -> None:
     """Create/update Prefect profile NAME with PREFECT_API_URL and make it the active one.
 
@@ -265,6 +281,8 @@ def main(argv: list[str]) -> None:
         drop_db(args[0])
     elif cmd == "save-mlflow-config":
         save_mlflow_config(args[0])
+    elif cmd == "save-api-settings":
+        save_api_settings(args[0], args[1], args[2])
     elif cmd == "profile-activate":
         profile_activate(args[0], args[1], args[2])
     elif cmd == "profile-restore":

@@ -7,13 +7,15 @@
 #   block types registered, MLflowConfig "default" -> the MLflow server
 #   work pool "mlops" (process) + every deployment in prefect.yaml (`prefect deploy --all`)
 #   a process worker polling queue "ml-retraining-queue"
+#   REST API              http://127.0.0.1:$MLOPS_API_PORT     (api/; JSON log in logs/api.log)
+#                         an admin key on first start in $MLOPS_STACK_DIR/api-key (mode 600)
 #   Prefect profile "mlops" (PREFECT_API_URL -> this server) made active; down.sh restores yours
 #
 # Idempotent: services already running are kept, configuration is re-applied (re-run it after
 # editing prefect.yaml). Stop with deployments/down.sh (`make down`); data stays in the stack dir.
 #
 # Settings (environment variables, defaults in brackets):
-#   PREFECT_PORT [4200]  MLFLOW_PORT [5000]  MLOPS_HOST [127.0.0.1]
+#   PREFECT_PORT [4200]  MLFLOW_PORT [5000]  MLOPS_API_PORT [8000]  MLOPS_HOST [127.0.0.1]
 #   MLOPS_STACK_DIR [.mlops/stack]    PIDs, logs, SQLite databases, MLflow artifacts, PREFECT_HOME
 #   PREFECT_DATABASE_URL              e.g. postgresql+asyncpg://postgres@127.0.0.1:5432/prefect
 #   MLFLOW_BACKEND_STORE_URI          e.g. postgresql://postgres@127.0.0.1:5432/mlflow
@@ -22,6 +24,7 @@
 #                                     PREFECT_API_URL printed at the end)
 #   MLFLOW_WORKERS [1]  PREFECT_WORKER_QUERY_SECONDS [1]  MLOPS_START_TIMEOUT [180]
 #   MLOPS_LOG_LEVEL [INFO]            log level of the servers, the worker and the flow runs
+#   MLOPS_LOG_FORMAT [json]           json: the worker, its flow runs and the API log JSON lines
 #   MLOPS_PYTHON [.venv/bin/python]   the interpreter with the project's requirements
 set -euo pipefail
 
@@ -31,6 +34,8 @@ cd "$ROOT"
 HOST="${MLOPS_HOST:-127.0.0.1}"
 PREFECT_PORT="${PREFECT_PORT:-4200}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+API_PORT="${MLOPS_API_PORT:-8000}"
+LOG_FORMAT="${MLOPS_LOG_FORMAT:-json}"
 STACK_DIR="${MLOPS_STACK_DIR:-$ROOT/.mlops/stack}"
 PROFILE="${MLOPS_PREFECT_PROFILE-mlops}"
 TIMEOUT="${MLOPS_START_TIMEOUT:-180}"
@@ -53,6 +58,12 @@ mkdir -p "$LOGS" "$PIDS" "$STACK_DIR/prefect" "$STACK_DIR/mlflow/artifacts"
 PREFECT_API="http://$HOST:$PREFECT_PORT/api"
 PREFECT_UI="http://$HOST:$PREFECT_PORT"
 MLFLOW_URI="http://$HOST:$MLFLOW_PORT"
+API_URL="http://$HOST:$API_PORT"
+JSON_LOGGING="$ROOT/deployments/logging-json.yml"
+# With JSON logs, the worker and the flow runs it starts load Prefect's logging configuration with a
+# JSON console handler; the API loads it itself (MLOPS_LOG_FORMAT=json).
+log_env=()
+[ "$LOG_FORMAT" = json ] && log_env=(PREFECT_LOGGING_SETTINGS_PATH="$JSON_LOGGING")
 PREFECT_DB="${PREFECT_DATABASE_URL:-sqlite+aiosqlite:///$STACK_DIR/prefect/prefect.db}"
 MLFLOW_DB="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$STACK_DIR/mlflow/mlflow.db}"
 # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg (3), which is not installed: name the drivers
@@ -138,10 +149,10 @@ start_service() {  # start_service NAME PORT|- CMD... (skips when already runnin
 }
 
 # ---- pre-flight: ports of the servers still to start must be free -------------------------------
-for service_port in "prefect-server:$PREFECT_PORT" "mlflow-server:$MLFLOW_PORT"; do
+for service_port in "prefect-server:$PREFECT_PORT" "mlflow-server:$MLFLOW_PORT" "api:$API_PORT"; do
   if ! running "${service_port%%:*}" && port_busy "${service_port##*:}"; then
     echo "error: port ${service_port##*:} on $HOST (for the ${service_port%%:*}) is in use by another" \
-      "program: stop it or choose another port (PREFECT_PORT / MLFLOW_PORT)" >&2
+      "program: stop it or choose another port (PREFECT_PORT / MLFLOW_PORT / MLOPS_API_PORT)" >&2
     exit 1
   fi
 done
@@ -194,7 +205,7 @@ fi
 # The worker starts now (it takes a few seconds) and is awaited after the deploy.
 PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-1}" \
   start_service worker - \
-  "$PY" -m prefect worker start --pool "$WORK_POOL" --work-queue "$WORK_QUEUE" \
+  env "${log_env[@]}" "$PY" -m prefect worker start --pool "$WORK_POOL" --work-queue "$WORK_QUEUE" \
   --name "$WORKER_NAME" --type process
 
 # `prefect deploy` records the project root of this checkout in every deployment's pull step
@@ -210,12 +221,33 @@ say "deployments applied (prefect deploy --all): $(grep -cE "Deployment '.*' suc
 stack wait-worker "$PREFECT_API" "$WORK_POOL" "$WORKER_NAME" "$TIMEOUT" "$PIDS/worker.pid" "$LOGS/worker.log"
 say "worker $WORKER_NAME online, polling $WORK_POOL/$WORK_QUEUE"
 
+# ---- REST API -----------------------------------------------------------------------------------
+# Settings in the APISettings block (keys hashed in the stack dir), an admin key on first start
+# (written to a mode-600 file, never printed or logged), then the service with JSON logs.
+msg=$(stack save-api-settings "$HOST" "$API_PORT" "$STACK_DIR/api/keys.json")
+say "$msg"
+API_KEY_FILE="$STACK_DIR/api-key"
+if [ ! -s "$API_KEY_FILE" ]; then
+  "$PY" -m api.keys --file "$STACK_DIR/api/keys.json" revoke admin >/dev/null 2>&1 || true
+  "$PY" -m api.keys --file "$STACK_DIR/api/keys.json" create admin --scope admin \
+    --output "$API_KEY_FILE" >>"$LOGS/setup.log" 2>&1 || { cat "$LOGS/setup.log" >&2; exit 1; }
+  say "admin API key created: $API_KEY_FILE (mode 600)"
+fi
+MLOPS_LOG_FORMAT="$LOG_FORMAT" MLOPS_LOG_LEVEL="$LOG_LEVEL" \
+  start_service api "$API_PORT" "$PY" -m api --host "$HOST" --port "$API_PORT"
+stack wait-http "$API_URL/health" "$TIMEOUT" "$PIDS/api.pid" "$LOGS/api.log"
+say "REST API answers at $API_URL (OpenAPI: $API_URL/docs)"
+
 # ---- the user's side: a Prefect profile and an env file -------------------------------------------
-cat >"$STACK_DIR/env" <<EOF
-# source this file to talk to the stack from a shell
+(umask 077 && cat >"$STACK_DIR/env" <<EOF
+# source this file to talk to the stack from a shell (it holds the admin API key: mode 600)
 export PREFECT_API_URL=$PREFECT_API
 export MLFLOW_TRACKING_URI=$MLFLOW_URI
+export MLOPS_API_URL=$API_URL
+export MLOPS_API_KEY=$(cat "$API_KEY_FILE")
 EOF
+)
+chmod 600 "$STACK_DIR/env"
 profile_note=""
 if [ -n "$PROFILE" ]; then
   (
@@ -239,6 +271,7 @@ mlops stack is up ($((SECONDS - started_at)) s, ~${rss_mb} MB resident) — stat
   Prefect UI    $PREFECT_UI          database: $(redact "$PREFECT_DB")
   Prefect API   $PREFECT_API
   MLflow        $MLFLOW_URI          database: $(redact "$MLFLOW_DB")
+  REST API      $API_URL/docs        admin key in $API_KEY_FILE (MLOPS_API_KEY in $STACK_DIR/env)
   work pool     $WORK_POOL / queue $WORK_QUEUE, worker $WORKER_NAME
   logs          $LOGS
 ${profile_note:+  $profile_note

@@ -25,7 +25,7 @@ from tasks.registry import model_slug, validate_model_name
 FormatName = Literal["onnx", "pmml", "tflite", "coreml", "edge"]
 
 
-@data_flow(name="export-model", log_prints=True)
+@data_flow(name="export-model", log_prints=True, persist_result=True)
 def export_model(
     model_name: str,
     version: int | str = "champion",

@@ -97,7 +97,7 @@ def alias_history(model_name: str) -> list[AliasMove]:
     return read_alias_moves(model_name)
 
 
-@data_flow(name="compare-versions")
+@data_flow(name="compare-versions", persist_result=True)
 def compare_versions(model_name: str, version_a: int | str, version_b: int | str,
                      data: DataRef | None = None) -> Comparison:
     """Recorded metric and parameter differences (b − a); with data, both versions scored on

@@ -38,10 +38,12 @@ from tasks.retraining_rules import (RetrainDecision, RetrainResult, Signal, Trig
                                     cooldown_signal, decide, drift_signal, gate_verdict,
                                     metric_floor, metric_signal, rows_signal, schema_differences,
                                     sentence)
+from tasks.schedules import ScheduleInfo, upsert_schedule
 
 __all__ = ["should_retrain", "retrain_model", "retraining_check", "retraining_history",
            "RetrainDecision", "RetrainResult", "Signal", "PromotionApproval",
-           "RetrainingInProgressError", "lifecycle_step"]
+           "RetrainingInProgressError", "lifecycle_step", "schedule_retraining_check",
+           "ScheduleInfo"]
 
 RETRAINED_EVENT = "mlops.model.retrained"
 APPROVAL_POLL_S = 2
@@ -115,7 +117,7 @@ def should_retrain(model_name: str, data: DataRef | None = None, target: str | N
     return decision
 
 
-@data_flow(name="retrain-model", log_prints=True)
+@data_flow(name="retrain-model", log_prints=True, persist_result=True)
 def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "manual",
                   trigger: Trigger = "manual", policy: str | None = None,
                   time_budget_s: float | None = None) -> RetrainResult:
@@ -395,3 +397,26 @@ def lifecycle_step(story) -> None:
               f"{result.challenger_score:.4f}")
     story.say(f"retrain   decision {result.decision}: {result.why}; champion is "
               f"v{result.champion_after} (drift score was {check.score:.2f})")
+
+
+# --------------------------------------------------------------------------- schedules
+@flow(name="schedule-retraining-check")
+def schedule_retraining_check(model_name: str, cron: str = "0 2 * * *", timezone: str = "UTC",
+                              active: bool = True) -> ScheduleInfo:
+    """Add (or update) a schedule of the `retraining-check/default` deployment that checks
+    `model_name`: one schedule per model, so asking again changes it instead of adding one.
+
+    Args:
+        model_name: Registered model the scheduled check runs for.
+        cron: When, as a cron expression (default 02:00 daily).
+        timezone: IANA time zone of the cron expression.
+        active: Whether the schedule creates runs.
+    """
+    validate_model_name(model_name)
+    info = upsert_schedule(f"{retraining_check.name}/default",
+                           f"retraining-check-{model_slug(model_name)}", cron, timezone, active,
+                           {"model_name": model_name})
+    get_run_logger().info("%s schedule %s of %s for %s: %s (%s), %s",
+                          "added" if info.created else "updated", info.slug, info.deployment,
+                          model_name, cron, timezone, "active" if active else "inactive")
+    return info

@@ -31,7 +31,7 @@ def initial_alias(promote: str, has_champion: bool) -> str | None:
 
 
 @data_flow(name="train-model", task_runner=ThreadPoolTaskRunner(max_workers=cpu_workers()),
-      log_prints=True)
+           log_prints=True, persist_result=True)
 def train_model(
     data: DataRef,
     target: str,

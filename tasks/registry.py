@@ -38,8 +38,8 @@ from prefect import task
 from pydantic import BaseModel, Field
 
 from blocks.mlflow_config import resolve_mlflow_config
-from tasks.errors import (InvalidModelNameError, ModelNotFoundError, RegistryError,
-                          VersionNotFoundError)
+from tasks.errors import (ConfigurationError, InvalidModelNameError, ModelNotFoundError,
+                          RegistryError, VersionNotFoundError)
 
 KEEP_VERSIONS = 10  # the MLflowConfig block's keep_versions default
 HISTORY_TAG = "mlops.alias_history"  # legacy: the whole history as one JSON list (read only)
@@ -534,6 +534,47 @@ def _parse_time(text: str) -> datetime:
     return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
 
+def newest_unregistered_model(client: MlflowClient, name: str) -> tuple[str, str | None]:
+    """(model URI, run id) of the newest model logged for `name` by a finished run and not yet
+    a version of `name`: the case of a user who trained with their own code and
+    `mlflow.sklearn.log_model`. A logged model belongs to `name` when it was logged with
+    `name=<name>`, in an experiment called `<name>`, or by a run tagged `mlops.model_name`."""
+    validate_model_name(name)
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    registered: set[str] = set()
+    try:
+        for mv in client.search_model_versions(f"name='{name}'"):
+            registered |= {x for x in (mv.run_id, mv.source, (mv.tags or {}).get("mlops.source"))
+                           if x}
+    except MlflowException:
+        pass
+    models = client.search_logged_models(
+        list(experiments), max_results=500,
+        order_by=[{"field_name": "creation_time", "ascending": False}]) if experiments else []
+    for lm in models:
+        if str(getattr(lm.status, "name", lm.status)).upper() not in ("READY", "LOGGED_MODEL_READY"):
+            continue
+        run = None
+        if lm.source_run_id:
+            try:
+                run = client.get_run(lm.source_run_id)
+            except MlflowException:
+                continue
+            if run.info.status != "FINISHED":
+                continue
+        belongs = (lm.name == name or experiments.get(lm.experiment_id) == name
+                   or (run is not None and run.data.tags.get("mlops.model_name") == name))
+        sources = {lm.model_uri, f"models:/{lm.model_id}", lm.source_run_id,
+                   f"runs:/{lm.source_run_id}/{lm.name}"}
+        if belongs and not (sources & registered):
+            return f"models:/{lm.model_id}", lm.source_run_id
+    raise ConfigurationError(
+        f"nothing to register for {name!r}: no finished MLflow run logged a model for it that "
+        f"is not a version of {name!r} yet (a model counts when logged with name={name!r}, in "
+        f"an experiment named {name!r}, or by a run tagged mlops.model_name={name!r}); pass "
+        "run_id or model_uri, or data and target to train one")
+
+
 # --------------------------------------------------------------------------- tasks
 @task(name="register-version", retries=2, retry_delay_seconds=2)
 def register_version(model_name: str, model_uri: str, run_id: str | None, description: str = "",
@@ -579,11 +620,30 @@ def read_alias_moves(model_name: str) -> list[AliasMove]:
     return [as_alias_move(e) for e in read_alias_history(client, model_name)]
 
 
+@task(name="find-unregistered-model")
+def find_unregistered_model(model_name: str) -> tuple[str, str | None]:
+    return newest_unregistered_model(mlflow_client(), model_name)
+
+
 @task(name="list-model-versions")
 def read_versions(model_name: str) -> list[VersionInfo]:
     client = mlflow_client()
     get_registered_model(client, model_name)
     return [version_info(client, mv) for mv in _existing_versions(client, model_name)]
+
+
+def _check_run_has_model(client: MlflowClient, run, path: str, uri: str) -> None:
+    """A run's model at `path`: an artifact folder, or (MLflow 3) a logged model of that name."""
+    if client.list_artifacts(run.info.run_id, path):
+        return
+    logged = client.search_logged_models([run.info.experiment_id], max_results=100,
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    if any(lm.name == path for lm in logged):
+        return
+    names = sorted({lm.name for lm in logged})
+    raise RegistryError(f"run {run.info.run_id} logged no model named {path!r} ({uri!r}); "
+                        f"its logged models: {names or 'none'} (pass model_uri=runs:/"
+                        f"{run.info.run_id}/<name>, or models:/<model id>)")
 
 
 @task(name="check-model-source")
@@ -597,7 +657,9 @@ def check_model_source(model_uri: str | None, run_id: str | None) -> str:
         if run_id:
             client.get_run(run_id)
         if uri.startswith("runs:/"):
-            client.get_run(uri[len("runs:/"):].split("/")[0])
+            source_run, _, path = uri[len("runs:/"):].partition("/")
+            run = client.get_run(source_run)
+            _check_run_has_model(client, run, path or "model", uri)
         elif uri.startswith("models:/m-"):
             client.get_logged_model(uri[len("models:/"):].split("/")[0])
     except MlflowException as exc:

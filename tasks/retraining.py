@@ -319,6 +319,25 @@ def slot_name(model_name: str) -> str:
     return f"mlops-retraining-{model_slug(model_name)}"
 
 
+def check_slot_free(model_name: str) -> None:
+    """Refuse at once (RetrainingInProgressError) while a retraining of the model holds its slot:
+    a caller about to start one asynchronously learns it now, not from a failed run later."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    name = slot_name(model_name)
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:  # never retrained: the limit is created on first use
+            return
+    if limit.active_slots >= limit.limit:
+        raise RetrainingInProgressError(
+            f"another retraining of {model_name!r} is running (concurrency limit {name!r} has "
+            "its one slot taken); nothing was started. Wait for it to finish (Prefect UI: "
+            "Concurrency) and see retraining_history")
+
+
 @contextmanager
 def retraining_slot(model_name: str) -> Iterator[str]:
     """Hold the model's strict global concurrency limit (1 slot) or refuse at once.

@@ -39,6 +39,7 @@ class Stack:
 
     prefect_api: str
     mlflow_uri: str
+    api_url: str
     stack_dir: Path
     env: dict[str, str]          # what up.sh/down.sh ran with (ports, stack dir, profiles path)
     cwd: Path                    # a folder outside the project, like a user's shell
@@ -88,6 +89,7 @@ def _user_env(tmp: Path) -> dict[str, str]:
         MLOPS_HOME=str(tmp / "state"),              # the flows' embedded state, not ./.mlops
         PREFECT_PORT=str(free_port()),
         MLFLOW_PORT=str(free_port()),
+        MLOPS_API_PORT=str(free_port()),
         # The "user's" Prefect home and profiles: up.sh activates profile `mlops` here.
         PREFECT_HOME=str(tmp / "user-prefect"),
         PREFECT_PROFILES_PATH=str(tmp / "user-prefect" / "profiles.toml"),
@@ -143,6 +145,7 @@ def running_stack(tmp: Path, **settings: str) -> Iterator[Stack]:
         yield Stack(
             prefect_api=f"http://127.0.0.1:{env['PREFECT_PORT']}/api",
             mlflow_uri=f"http://127.0.0.1:{env['MLFLOW_PORT']}",
+            api_url=f"http://127.0.0.1:{env['MLOPS_API_PORT']}",
             stack_dir=stack_dir, env=user_env, cwd=tmp / "work",
             up_seconds=round(time.monotonic() - started, 1), up_output=up.stdout,
         )

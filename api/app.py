@@ -1,0 +1,84 @@
+"""The mlops-flows REST service: `uvicorn api.app:create_app --factory` (make serve).
+
+Routes validate input, call a flow or task, and shape the answer; the answers are the flows'
+result models as JSON. Everything under /api/v1/mlops needs an API key (`python -m api.keys`);
+/health does not. OpenAPI: /docs (Swagger UI), /redoc, /openapi.json.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from pydantic import BaseModel
+
+from api import ab_tests, exports, registry, retraining, runs
+from api.auth import KeyCache
+from api.deps import BASE
+from api.errors import RequestContextMiddleware, install_error_handlers
+from api.launch import Launcher
+from api.logs import configure_logging
+from blocks.api_settings import APISettings, resolve_api_settings
+
+ROUTERS = (registry.router, ab_tests.router, exports.router, retraining.router, runs.router)
+logger = logging.getLogger("api")
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+def create_app(settings: APISettings | None = None) -> FastAPI:
+    """The application, configured by `settings` (default: the saved `APISettings` block, else
+    the embedded defaults)."""
+    configure_logging()
+    settings = settings or _in_a_thread(resolve_api_settings)
+    app = FastAPI(
+        title="mlops-flows",
+        version="1",
+        description="Model lifecycle over HTTP: registry, A/B tests, exports and retraining. "
+                    "Send `Authorization: Bearer <key>` (create a key with "
+                    "`python -m api.keys create NAME --scope write`). Long work answers 202 "
+                    "with a flow run to follow at `GET /api/v1/mlops/runs/{flow_run_id}`.")
+    app.state.settings = settings
+    app.state.keys = KeyCache(settings.keys_path(), ttl=settings.key_cache_seconds)
+    app.state.launcher = Launcher()
+    for router in ROUTERS:
+        app.include_router(router, prefix=BASE)
+    app.state.body_fields = _body_fields(app)
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Location", "ETag"])
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+
+    @app.get("/health", response_model=Health, tags=["health"])
+    def health() -> Health:
+        """Liveness: the service answers (no key needed)."""
+        return Health()
+
+    logger.info("mlops-flows API ready under %s (OpenAPI at /docs), keys in %s", BASE,
+                settings.keys_path())
+    return app
+
+
+def _in_a_thread(fn):
+    """Call a sync Prefect function from here even when an event loop runs in this thread (uvicorn
+    calls the factory inside its loop, where Prefect's sync calls would return coroutines)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn).result()
+
+
+def _body_fields(app: FastAPI) -> set[str]:
+    """Names of every request body field (to name the field of a flow's 422 message)."""
+    names: set[str] = set()
+    for module in (registry, ab_tests, exports, retraining):
+        for obj in vars(module).values():
+            if (isinstance(obj, type) and issubclass(obj, BaseModel)
+                    and obj.__name__.endswith("Request")):
+                names |= set(obj.model_fields)
+    return names
