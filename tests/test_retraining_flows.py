@@ -231,6 +231,22 @@ def test_two_retrainings_of_one_model_never_run_together(base, model):
 
 
 # --------------------------------------------------------------------------- approval
+def start_retraining_that_pauses(base, model: str):
+    """retrain_model in a thread, returned once its run is paused for approval: (the list its
+    result or exception lands in, the thread, the paused flow run)."""
+    outcome: list[object] = []
+
+    def run():
+        try:
+            outcome.append(retrain_model(model, base.labelled(model), "churn"))
+        except Exception as exc:  # collected and asserted by the test
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    return outcome, worker, _paused_run(model)
+
+
 def _paused_run(model_name: str, timeout: float = 120):
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
@@ -249,11 +265,7 @@ def _paused_run(model_name: str, timeout: float = 120):
 @pytest.mark.parametrize("approve", [True, False])
 def test_with_approval_required_a_person_decides_in_the_ui(base, model, approve):
     save_policy(model, require_approval=True)
-    outcome: list[object] = []
-    worker = threading.Thread(target=lambda: outcome.append(
-        retrain_model(model, base.labelled(model), "churn")), daemon=True)
-    worker.start()
-    paused = _paused_run(model)
+    outcome, worker, paused = start_retraining_that_pauses(base, model)
     try:
         assert alias_map(mlflow_client(), model) == {"champion": 1, "challenger": 2}  # not yet
     finally:  # never leave a paused run behind
@@ -272,17 +284,7 @@ def test_with_approval_required_a_person_decides_in_the_ui(base, model, approve)
 
 def test_an_approval_nobody_gives_in_time_is_recorded_as_timed_out(base, model):
     save_policy(model, require_approval=True, approval_timeout_hours=0.001)  # 3.6 s
-    outcome: list[object] = []
-
-    def run():
-        try:
-            outcome.append(retrain_model(model, base.labelled(model), "churn"))
-        except Exception as exc:  # collected and asserted below
-            outcome.append(exc)
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    paused = _paused_run(model)  # really paused, and nobody resumes it
+    outcome, worker, paused = start_retraining_that_pauses(base, model)  # nobody resumes it
     worker.join(timeout=180)
     [result] = outcome
     assert isinstance(result, RetrainResult), result
@@ -303,11 +305,7 @@ def test_an_approval_nobody_gives_in_time_is_recorded_as_timed_out(base, model):
 
 def test_a_version_waiting_for_approval_survives_retention_while_its_alias_moves_on(base, model):
     save_policy(model, require_approval=True)
-    outcome: list[object] = []
-    worker = threading.Thread(target=lambda: outcome.append(
-        retrain_model(model, base.labelled(model), "churn")), daemon=True)
-    worker.start()
-    paused = _paused_run(model)
+    outcome, worker, paused = start_retraining_that_pauses(base, model)
     try:
         with saved_mlflow_config(keep_versions=1):
             # while a person decides on v2, another challenger arrives and more versions follow
