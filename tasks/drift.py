@@ -42,7 +42,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from blocks.mlflow_config import resolve_mlflow_config
+from blocks.mlflow_config import MLflowConfig, resolve_mlflow_config
 from blocks.monitoring import MonitoringPolicy
 from tasks.data import READABLE, LoadedData, load_table, s3_bucket_for
 from tasks.drift_metrics import (DriftInputError, FeatureStats, build_profile, compare_to_profile,
@@ -151,7 +151,8 @@ class Reference:
                  experiment_id: str | None, profile: dict | None,
                  importances: dict[str, float] | None, schema: dict | None,
                  tags: dict[str, str], profile_run_id: str | None = None,
-                 run_metrics: dict[str, float] | None = None) -> None:
+                 run_metrics: dict[str, float] | None = None,
+                 mlflow_config: MLflowConfig | None = None) -> None:
         self.model_name = model_name
         self.version = version
         self.run_id = run_id
@@ -162,29 +163,44 @@ class Reference:
         self.tags = tags
         self.profile_run_id = profile_run_id
         self.run_metrics = run_metrics
+        # the configuration this reference was read with: the check records with the same one,
+        # without resolving it again (each resolution reads a block document from the Prefect API)
+        self.mlflow_config = mlflow_config
 
     def __repr__(self) -> str:
         return (f"Reference({self.model_name!r}, v{self.version}, run {self.run_id}, "
                 f"profile {'yes' if self.profile else 'no'})")
 
 
-def _listed(client, run_id: str | None) -> set[str]:
-    """Names of the files under a run's ``mlops/`` folder (empty when the run is gone)."""
+def _run_or_none(client, run_id: str | None):
+    """The run, or None when there is no run id or the run is gone."""
     if not run_id:
-        return set()
+        return None
     try:
-        return {Path(f.path).name for f in client.list_artifacts(run_id, "mlops")}
-    except Exception:  # deleted run, unreachable artifact store: as if nothing were stored
+        return client.get_run(run_id)
+    except Exception:  # deleted run, unreachable store: as if nothing were stored
+        return None
+
+
+def _listed(run) -> set[str]:
+    """Names of the files under a run's ``mlops/`` folder (empty when the run is gone)."""
+    if run is None:
         return set()
-
-
-def _download_json(run_id: str, name: str):
     import mlflow
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"mlops/{name}",
-                                                   dst_path=tmp)
-        return json.loads(Path(path).read_text())
+    try:
+        return {Path(f.path).name for f in
+                mlflow.artifacts.list_artifacts(artifact_uri=f"{run.info.artifact_uri}/mlops")}
+    except Exception:  # unreachable artifact store: as if nothing were stored
+        return set()
+
+
+def _download_json(run, name: str):
+    """A JSON document under the run's ``mlops/`` folder, read from the run's artifact location
+    (a ``runs:/`` URI would look the run and its logged models up again for every file)."""
+    import mlflow
+
+    return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/mlops/{name}")
 
 
 def read_reference(model_name: str, version: int | str, need_profile: bool = True,
@@ -195,15 +211,18 @@ def read_reference(model_name: str, version: int | str, need_profile: bool = Tru
     ``need_profile``, ProfileNotFoundError saying how to create the profile. ``read_profile=False``
     skips downloading the profile (``profile`` is then None).
     """
-    client = mlflow_client()
+    config = resolve_mlflow_config()
+    client = mlflow_client(config)
     mv = resolve_version(client, model_name, version)
     number = int(mv.version)
     tags = dict(mv.tags or {})
-    run_files = _listed(client, mv.run_id)
-    profile_run = tags.get(PROFILE_RUN_TAG)
-    profile_files = _listed(client, profile_run) if profile_run else set()
+    version_run = _run_or_none(client, mv.run_id)
+    run_files = _listed(version_run)
+    profile_run_id = tags.get(PROFILE_RUN_TAG)
+    profile_run = _run_or_none(client, profile_run_id) if profile_run_id else None
+    profile_files = _listed(profile_run)
     if PROFILE_NAME not in profile_files:
-        profile_run = mv.run_id if PROFILE_NAME in run_files else None
+        profile_run = version_run if PROFILE_NAME in run_files else None
         profile_files = run_files
     if profile_run is None and need_profile:
         raise ProfileNotFoundError(
@@ -213,25 +232,19 @@ def read_reference(model_name: str, version: int | str, need_profile: bool = Tru
             "URI or DataFrame>)")
     profile = _download_json(profile_run, PROFILE_NAME) if profile_run and read_profile else None
     importances = None
-    for run, files in ((profile_run, profile_files), (mv.run_id, run_files)):
+    for run, files in ((profile_run, profile_files), (version_run, run_files)):
         if run and IMPORTANCES_NAME in files:
             importances = {str(k): float(v) for k, v in _download_json(run, IMPORTANCES_NAME).items()}
             break
-    schema = _download_json(mv.run_id, SCHEMA_NAME) if SCHEMA_NAME in run_files else None
-    experiment_id, run_metrics = None, None
-    for run in (mv.run_id, profile_run):
-        if run:
-            try:
-                found = client.get_run(run)
-            except Exception:  # deleted run
-                continue
-            experiment_id = found.info.experiment_id
-            if run == mv.run_id:
-                run_metrics = dict(found.data.metrics)
-            break
+    schema = _download_json(version_run, SCHEMA_NAME) if SCHEMA_NAME in run_files else None
+    found = version_run or profile_run
+    experiment_id = found.info.experiment_id if found else None
+    run_metrics = dict(version_run.data.metrics) if version_run else None
     return Reference(model_name=model_name, version=number, run_id=mv.run_id or None,
                      experiment_id=experiment_id, profile=profile, importances=importances,
-                     schema=schema, tags=tags, profile_run_id=profile_run, run_metrics=run_metrics)
+                     schema=schema, tags=tags,
+                     profile_run_id=profile_run.info.run_id if profile_run else None,
+                     run_metrics=run_metrics, mlflow_config=config)
 
 
 @task(name="read-reference", cache_policy=NO_CACHE)
@@ -512,31 +525,41 @@ def plot_most_drifted(report: DriftReport, profile: dict,
 
 # --------------------------------------------------------------------------- recording
 _METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. /:]")
+PLOT_PATH = "drift/most_drifted_features.png"
+REPORT_PATH = "drift/report.json"
 
 
 def metric_key(prefix: str, name: str) -> str:
     return f"{prefix}.{_METRIC_NAME.sub('_', name)}"[:250]
 
 
+def _config(reference: Reference | None = None) -> MLflowConfig:
+    """The MLflow configuration the reference was read with, else the one in force."""
+    return (reference.mlflow_config if reference is not None else None) or resolve_mlflow_config()
+
+
 def _experiment_for(reference: Reference) -> str:
-    return reference.experiment_id or resolve_mlflow_config().ensure_experiment()
+    return reference.experiment_id or _config(reference).ensure_experiment()
 
 
-def artifact_link(run_id: str, path: str) -> str:
+def artifact_link(run_id: str, path: str, config: MLflowConfig | None = None,
+                  artifact_uri: str | None = None) -> str:
     """A URL a person can open: the MLflow server's artifact endpoint when there is a server,
-    else the artifact's location (a file URI for the embedded store)."""
-    config = resolve_mlflow_config()
+    else the artifact's location (a file URI for the embedded store). ``artifact_uri``: the
+    run's artifact location when the caller has it (else the run is looked up)."""
+    config = config or resolve_mlflow_config()
     if config.tracking_uri.startswith(("http://", "https://")):
         from urllib.parse import urlencode
 
         return (f"{config.tracking_uri.rstrip('/')}/get-artifact?"
                 f"{urlencode({'path': path, 'run_uuid': run_id})}")
-    client = mlflow_client()
-    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+    if artifact_uri is None:
+        artifact_uri = mlflow_client(config).get_run(run_id).info.artifact_uri
+    return f"{artifact_uri.rstrip('/')}/{path}"
 
 
-def run_link(run_id: str, experiment_id: str) -> str | None:
-    config = resolve_mlflow_config()
+def run_link(run_id: str, experiment_id: str, config: MLflowConfig | None = None) -> str | None:
+    config = config or resolve_mlflow_config()
     if config.tracking_uri.startswith(("http://", "https://")):
         return f"{config.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return None
@@ -551,11 +574,12 @@ class Recorded:
 
 
 def _log_run(reference: Reference, run_name: str, tags: dict[str, str], metrics: dict[str, float],
-             documents: dict[str, Any], files: dict[str, bytes]) -> tuple[str, str]:
-    """One finished MLflow run: tags, metrics, JSON documents and files (path -> bytes)."""
+             documents: dict[str, Any], files: dict[str, bytes]) -> tuple[str, str, str]:
+    """One finished MLflow run: tags, metrics, JSON documents and files (path -> bytes), the
+    documents and files uploaded together. Returns (run id, experiment id, artifact location)."""
     from mlflow.entities import Metric
 
-    client = mlflow_client()
+    client = mlflow_client(reference.mlflow_config)
     experiment_id = _experiment_for(reference)
     run = client.create_run(experiment_id, run_name=run_name,
                             tags={**tags, "mlflow.note.content": tags.get("mlops.summary", "")})
@@ -566,18 +590,19 @@ def _log_run(reference: Reference, run_name: str, tags: dict[str, str], metrics:
                  if v is not None and math.isfinite(float(v))]
         for i in range(0, len(items), 900):  # MLflow caps a batch at 1000 metrics
             client.log_batch(run_id, metrics=items[i:i + 900])
-        for path, document in documents.items():
-            client.log_dict(run_id, document, path)
-        with tempfile.TemporaryDirectory() as tmp:
-            for path, content in files.items():
-                local = Path(tmp) / Path(path).name
-                local.write_bytes(content)
-                client.log_artifact(run_id, str(local), str(Path(path).parent))
+        if documents or files:
+            with tempfile.TemporaryDirectory() as tmp:
+                for path, content in [*((p, json.dumps(d, indent=2, default=str).encode())
+                                        for p, d in documents.items()), *files.items()]:
+                    local = Path(tmp, path)
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    local.write_bytes(content)
+                client.log_artifacts(run_id, tmp)
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    return run_id, experiment_id
+    return run_id, experiment_id, run.info.artifact_uri
 
 
 @task(name="record-drift-check", cache_policy=NO_CACHE)
@@ -605,13 +630,14 @@ def record_drift_check(report: DriftReport, reference: Reference) -> Recorded:
         "mlops.summary": (f"drift score {report.score:.3f} (threshold {report.threshold}); "
                           f"drifted: {', '.join(report.drifted_features) or 'none'}"),
     }
-    files = {"drift/most_drifted_features.png": png} if png else {}
-    run_id, experiment_id = _log_run(
+    files = {PLOT_PATH: png} if png else {}
+    run_id, experiment_id, artifact_uri = _log_run(
         reference, f"drift-{report.model_name}-v{report.version}", tags, metrics,
-        {"drift/report.json": json.loads(report.model_dump_json())}, files)
-    plot_uri = artifact_link(run_id, "drift/most_drifted_features.png") if png else None
+        {REPORT_PATH: json.loads(report.model_dump_json())}, files)
+    config = _config(reference)
+    plot_uri = artifact_link(run_id, PLOT_PATH, config, artifact_uri) if png else None
     return Recorded(run_id=run_id, experiment_id=experiment_id, plot_uri=plot_uri,
-                    run_url=run_link(run_id, experiment_id))
+                    run_url=run_link(run_id, experiment_id, config))
 
 
 # --------------------------------------------------------------------------- Prefect UI
@@ -785,9 +811,9 @@ def store_profile(reference: Reference, loaded: LoadedData, overwrite: bool) -> 
             "mlops.model_version": str(reference.version),
             "mlops.data_ref": loaded.ref or "(DataFrame)", "mlops.data_sha256": loaded.sha256,
             "mlops.summary": f"drift profile of v{reference.version}: {len(X)} rows"}
-    run_id, _ = _log_run(reference, f"profile-{reference.model_name}-v{reference.version}", tags,
+    run_id, _, _ = _log_run(reference, f"profile-{reference.model_name}-v{reference.version}", tags,
                          {"n_rows": len(X), "n_features": len(kinds)}, documents, {})
-    client = mlflow_client()
+    client = mlflow_client(reference.mlflow_config)
     client.set_model_version_tag(reference.model_name, str(reference.version), PROFILE_RUN_TAG, run_id)
     return ProfileInfo(model_name=reference.model_name, version=reference.version, run_id=run_id,
                        n_rows=len(X), features=kinds, importances=importances is not None,
@@ -935,11 +961,11 @@ def record_evaluation(report: PerformanceReport, reference: Reference) -> Record
             "mlops.data_ref": report.data_ref or "(DataFrame)",
             "mlops.data_sha256": report.data_sha256 or "",
             "mlops.summary": "; ".join(report.reasons) or "no threshold crossed"}
-    run_id, experiment_id = _log_run(
+    run_id, experiment_id, _ = _log_run(
         reference, f"evaluate-{report.model_name}-v{report.version}", tags, metrics,
         {"monitoring/performance.json": json.loads(report.model_dump_json())}, {})
     return Recorded(run_id=run_id, experiment_id=experiment_id, plot_uri=None,
-                    run_url=run_link(run_id, experiment_id))
+                    run_url=run_link(run_id, experiment_id, _config(reference)))
 
 
 def performance_markdown(report: PerformanceReport) -> str:

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 from pydantic import BaseModel, Field
 
-from blocks.mlflow_config import resolve_mlflow_config
+from blocks.mlflow_config import MLflowConfig, resolve_mlflow_config
 from tasks.errors import (InvalidModelNameError, ModelNotFoundError, RegistryError,
                           VersionNotFoundError)
 
@@ -55,9 +55,10 @@ def model_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
 
 
-def mlflow_client() -> MlflowClient:
-    """A client on the configuration in force (saved block, else embedded SQLite)."""
-    config = resolve_mlflow_config()
+def mlflow_client(config: MLflowConfig | None = None) -> MlflowClient:
+    """A client on ``config``, else on the configuration in force (saved block, else embedded
+    SQLite; resolving it reads a block document from the Prefect API)."""
+    config = config or resolve_mlflow_config()
     config.apply()
     return MlflowClient(tracking_uri=config.tracking_uri,
                         registry_uri=config.registry_uri or config.tracking_uri)
