@@ -164,8 +164,10 @@ def test_a_drifted_batch_is_flagged_recorded_published_and_announced(churn):
 
 
 def test_an_undrifted_batch_is_not_drifted(churn):
-    report = check_drift(MODEL, churn.frame, version=churn.version)  # a DataFrame works too
+    frame = churn.frame.copy()
+    report = check_drift(MODEL, frame, version=churn.version)  # a DataFrame works too
     assert not report.drifted and report.score < 0.1
+    pd.testing.assert_frame_equal(frame, churn.frame)  # the caller's frame is left as it was
     assert report.data_ref is None and not report.alerted
     assert mlflow_client().get_run(report.run_id).data.tags["mlops.drifted"] == "false"
 
