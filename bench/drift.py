@@ -1,8 +1,8 @@
 """Drift check benchmark: our profile-based check versus Evidently's DataDriftPreset.
 
-    .venv/bin/python bench/drift.py                 # 1M x 1M and 100k x 100k (about 3 minutes)
+    .venv/bin/python bench/drift.py                 # 1M x 1M and 100k x 100k (about 4 minutes)
     .venv/bin/python bench/drift.py --sizes 100000  # quick
-    .venv/bin/python bench/drift.py --skip-evidently
+    .venv/bin/python bench/drift.py --skip-evidently --sizes 1000000 200000 --repeats 5
 
 Data: a reference and a current table of the same size, 10 numeric columns (normal, skewed,
 heavy-tailed, integer-valued with ties, bounded, one with 2 % missing) and 1 categorical column
@@ -15,9 +15,13 @@ Measured, each in a fresh process, the two tools in the same run:
   profile (a dict) and the current DataFrame already in memory -- what a check costs;
 * ours, profile: ``build_profile(reference)`` -- paid once, when a version is registered;
 * ours, whole flow call: ``check_drift(model, data)`` on a registered version (profile stored in
-  MLflow) with the batch as a parquet path and as a DataFrame: read the profile and the batch,
+  MLflow) with the batch as a DataFrame and as a parquet path: read the profile and the batch,
   compare, log the MLflow run with the report and the plot, Prefect artifacts, event, alert
-  (warm: the Prefect server and imports are up, as under a worker);
+  (warm: the Prefect server and imports are up). In the same process, interleaved with the calls,
+  the computation again, so that the two are compared under the same load: medians of
+  ``--repeats`` rounds and their ratio. The calls run with ``local_run_settings()`` (as the main
+  job and the tests call flows); the DataFrame call once more with Prefect's defaults, whose
+  flow-run heartbeat thread is joined at exit (up to 1 s, whatever the flow did);
 * Evidently: ``Report([DataDriftPreset()]).run(current, reference)`` and reading its result, with
   the reference data in memory (Evidently rescans it on every check), in its own virtualenv
   (``.venv-bench``, see bench/requirements-drift.txt: Evidently 0.7.23 needs pandas < 3).
@@ -166,7 +170,7 @@ def worker_ours(folder: Path) -> dict:
             "drifted": sorted(s.name for s in stats if s.drifted)}
 
 
-def worker_flow(folder: Path) -> dict:
+def worker_flow(folder: Path, repeats: int = 5) -> dict:
     """check_drift end to end on a registered version whose profile is stored in MLflow."""
     home = Path(tempfile.mkdtemp(prefix="drift-bench-"))
     os.environ["MLOPS_HOME"] = str(home)
@@ -180,16 +184,19 @@ def worker_flow(folder: Path) -> dict:
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        return _flow_calls(folder, home)
+        return _flow_calls(folder, home, repeats)
 
 
-def _flow_calls(folder: Path, home: Path) -> dict:
+def _flow_calls(folder: Path, home: Path, repeats: int) -> dict:
+    import statistics
+
     import mlflow
     from sklearn.dummy import DummyClassifier
 
     from flows.drift import check_drift
+    from flows.local_runs import local_run_settings
     from flows.registry import register_model
-    from tasks.drift_metrics import build_profile
+    from tasks.drift_metrics import build_profile, compare_to_profile, model_drift_score
     from tasks.registry import mlflow_client
 
     reference = read_frame(folder, "reference")
@@ -212,24 +219,43 @@ def _flow_calls(folder: Path, home: Path) -> dict:
     current = read_frame(folder, "current")
     path = home / "current.parquet"
     current.to_parquet(path, index=False)
-    check_drift("bench_drift", current.iloc[:1000], version=version)  # warm: imports, server
+    min_effect = {"numeric": 0.1, "categorical": 0.035}  # the MonitoringPolicy defaults
+
+    def computation():
+        return model_drift_score(compare_to_profile(profile, current, 0.05, min_effect=min_effect))
+
+    def call(data):
+        return lambda: check_drift("bench_drift", data, version=version)
+
+    with local_run_settings():
+        check_drift("bench_drift", current.iloc[:1000], version=version)  # warm: imports, server
+        computation()
+    runs: dict[str, list] = {"computation": [], "frame": [], "path": [], "frame_defaults": []}
+    for _ in range(repeats):
+        with local_run_settings():
+            runs["computation"].append(measure(computation))
+            runs["frame"].append(measure(call(current)))
+            runs["path"].append(measure(call(str(path))))
+        runs["frame_defaults"].append(measure(call(current)))
     out = {}
-    for label, data in (("path", str(path)), ("frame", current)):
-        seconds, report, peak, extra = measure(
-            lambda: check_drift("bench_drift", data, version=version))
-        out[label] = {"seconds": seconds, "peak": peak, "extra": extra,
-                      "score": report.score, "drifted": sorted(report.drifted_features)}
+    for label, measured in runs.items():
+        seconds = [m[0] for m in measured]
+        out[label] = {"seconds": statistics.median(seconds), "all": seconds,
+                      "peak": max(m[2] for m in measured), "extra": max(m[3] for m in measured)}
+        if label != "computation":
+            report = measured[0][1]
+            out[label].update(score=report.score, drifted=sorted(report.drifted_features))
     return out
 
 
 WORKERS = {"evidently": worker_evidently, "ours": worker_ours, "flow": worker_flow}
 
 
-def run_worker(kind: str, folder: Path, python: Path, timeout: float) -> dict:
+def run_worker(kind: str, folder: Path, python: Path, timeout: float, *extra: str) -> dict:
     env = {**os.environ, "DO_NOT_TRACK": "1", "PYTHONPATH": ""}
     started = time.perf_counter()
     try:
-        done = subprocess.run([str(python), __file__, "--worker", kind, str(folder)],
+        done = subprocess.run([str(python), __file__, "--worker", kind, str(folder), *extra],
                               capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
@@ -266,14 +292,11 @@ def table(size: int, ours: dict, flow: dict, evid: dict) -> list[str]:
     rows.append(f"| computation (profile + data in memory) | {secs(ours['seconds'])}, peak "
                 f"{mb(ours['peak'])} (+{mb(ours['extra'])}) | {ev_cell} | time "
                 f"{ratio(ev_s, ours['seconds'])}, memory {ratio(ev_peak, ours['peak'])} |")
-    for key, what in (("path", "whole check_drift call, batch as parquet path"),
-                      ("frame", "whole check_drift call, batch as DataFrame")):
-        f = flow.get(key)
-        if f:
-            rows.append(f"| {what} | {secs(f['seconds'])}, peak {mb(f['peak'])} "
-                        f"(+{mb(f['extra'])}) | — | time {ratio(ev_s, f['seconds'])} |")
-        elif "error" in flow:
-            rows.append(f"| {what} | {flow['error']} | — | — |")
+    f = flow.get("frame")
+    if f:
+        rows.append(f"| whole check_drift call, batch as DataFrame (below) | {secs(f['seconds'])}, "
+                    f"peak {mb(f['peak'])} (+{mb(f['extra'])}) | — | time "
+                    f"{ratio(ev_s, f['seconds'])} |")
     rows.append(f"| profile the reference (once, at registration) | "
                 f"{secs(ours['profile_seconds'])}, +{mb(ours['profile_extra'])}; profile "
                 f"{ours['profile_bytes'] / 1024:,.0f} KiB of JSON | (rescans the reference on "
@@ -281,7 +304,35 @@ def table(size: int, ours: dict, flow: dict, evid: dict) -> list[str]:
     rows += ["", f"drifted features — ours: {', '.join(ours['drifted']) or 'none'} "
                  f"(score {ours['score']:.2f}); Evidently: "
                  f"{', '.join(evid.get('drifted', [])) or evid.get('error', 'skipped')}", ""]
-    return rows
+    return rows + whole_call_table(flow)
+
+
+WHOLE_CALLS = (
+    ("computation", "computation: compare_to_profile + model_drift_score, in memory"),
+    ("frame", "whole check_drift call, batch as DataFrame"),
+    ("path", "whole check_drift call, batch as parquet path"),
+    ("frame_defaults", "whole call, DataFrame, Prefect defaults (heartbeat joined at exit)"),
+)
+
+
+def whole_call_table(flow: dict) -> list[str]:
+    """The whole call beside its computation, measured in the same process, interleaved."""
+    if "error" in flow:
+        return [f"whole check_drift call: {flow['error']}", ""]
+    if not flow:
+        return []
+    base = flow["computation"]["seconds"]
+    n = len(flow["computation"]["all"])
+    rows = [f"whole call versus computation, same process, medians of {n} rounds "
+            "(a round: the computation, then each call once):", "",
+            "| measurement | median | rounds | ÷ computation | peak memory |",
+            "|---|---|---|---|---|"]
+    for key, what in WHOLE_CALLS:
+        f = flow[key]
+        rows.append(f"| {what} | {secs(f['seconds'])} | "
+                    f"{' '.join(f'{x:.2f}' for x in f['all'])} | {f['seconds'] / base:.2f}× | "
+                    f"{mb(f['peak'])} (+{mb(f['extra'])}) |")
+    return rows + [""]
 
 
 def main() -> None:
@@ -289,12 +340,15 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 100_000])
     parser.add_argument("--skip-evidently", action="store_true")
     parser.add_argument("--skip-flow", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="rounds of computation + whole calls in the flow worker (medians)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "drift.md")
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("folder", nargs="?", type=Path)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](args.folder)))
+        extra = {"repeats": args.repeats} if args.worker == "flow" else {}
+        print(json.dumps(WORKERS[args.worker](args.folder, **extra)))
         return
 
     if not args.skip_evidently and not BENCH_PYTHON.exists():
@@ -302,8 +356,9 @@ def main() -> None:
                  ".venv-bench/bin/pip install -r bench/requirements-drift.txt "
                  "(or pass --skip-evidently)")
     lines = ["## Drift check benchmark", "",
-             f"machine: {os.cpu_count()} CPUs; each measurement in a fresh process; ours = "
-             "median of 3 warm runs, Evidently = 1 run, flow calls = 1 warm run.", ""]
+             f"machine: {os.cpu_count()} CPUs; each worker in a fresh process; ours = median of "
+             f"3 warm runs, Evidently = 1 run, flow calls = medians of {args.repeats} warm "
+             "rounds.", ""]
     for size in args.sizes:
         with tempfile.TemporaryDirectory(prefix="drift-bench-data-") as tmp:
             folder = Path(tmp)
@@ -315,7 +370,8 @@ def main() -> None:
             flow: dict = {}
             if not args.skip_flow:
                 print(f"[{size:,} rows] check_drift flow ...", file=sys.stderr, flush=True)
-                flow = run_worker("flow", folder, Path(sys.executable), 900)
+                flow = run_worker("flow", folder, Path(sys.executable), 900,
+                                  "--repeats", str(args.repeats))
             evid: dict = {"error": "skipped (--skip-evidently)"}
             if not args.skip_evidently:
                 print(f"[{size:,} rows] Evidently ...", file=sys.stderr, flush=True)

@@ -58,7 +58,7 @@ def check_drift(model_name: str, data: DataRef, version: int | str = "champion",
     batch = load_batch(data)
     report = compare_batch(reference, batch, settings)
 
-    recorded = record_drift_check(report, reference, batch.frame)
+    recorded = record_drift_check(report, reference)
     report.run_id, report.plot_uri = recorded.run_id, recorded.plot_uri
     if report.drifted:
         emit_model_event(model_name, DRIFT_EVENT, {

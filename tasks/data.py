@@ -105,7 +105,10 @@ def _read_s3(uri: str) -> bytes:
 def load_table(data: str | Path | pd.DataFrame) -> LoadedData:
     """Read a dataset reference into a DataFrame."""
     if isinstance(data, pd.DataFrame):
-        frame, ref = data.copy(), None
+        # pandas >= 3 copies on write: a shallow copy shares the caller's buffers until either
+        # side changes them, so later edits on either side stay invisible to the other without
+        # copying every row up front
+        frame, ref = data.copy(deep=False), None
     elif isinstance(data, (str, Path)):
         ref = str(data)
         if ref.startswith("s3://"):

@@ -164,7 +164,11 @@ class FeatureStats:
       categories the profile does not hold, and the 10 most frequent of them;
     * ``missing_delta`` = ``missing_rate_current - missing_rate_reference``;
     * ``n_reference`` / ``n_current``: non-missing values the statistics used;
-    * ``ks_error_bound`` (numeric): ``|statistic - exact KS| <= ks_error_bound`` for "ks".
+    * ``ks_error_bound`` (numeric): ``|statistic - exact KS| <= ks_error_bound`` for "ks";
+    * ``current_counts``: the current data over the profile's cells -- numeric: non-missing
+      values per reference quantile bin (the bins' order); categorical: values per profiled
+      category (the profile's order) and, last, the values outside them. With the profile's own
+      counts this is everything needed to redraw both distributions without the data.
 
     Fields that do not apply to a kind are ``None``.
     """
@@ -194,6 +198,7 @@ class FeatureStats:
     mean_reference: float | None = None
     mean_current: float | None = None
     unseen_categories: list[str] = field(default_factory=list)
+    current_counts: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""
@@ -845,6 +850,7 @@ def numeric_feature_stats(feature_profile: Mapping, values, alpha: float = 0.05,
         psi_exceeds_noise=bool(psi_p < alpha), ks_error_bound=float(sketch["ks_error_bound"]),
         missing_rate_reference=float(fp["missing_rate"]), missing_rate_current=miss_cur,
         mean_reference=float(fp["mean"]), mean_current=float(y.mean()),
+        current_counts=cur_counts.tolist(),
     )
     return _verdict(fs, alpha, min_effect, max_missing_delta)
 
@@ -892,7 +898,7 @@ def categorical_feature_stats(feature_profile: Mapping, counts: Mapping[str, int
         alpha=float(alpha), psi_threshold=psi_noise_threshold(n, m, n_cells, alpha),
         psi_p_value=float(psi_p), psi_exceeds_noise=bool(psi_p < alpha),
         missing_rate_reference=float(fp["missing_rate"]), missing_rate_current=miss_cur,
-        unseen_categories=top_unseen,
+        unseen_categories=top_unseen, current_counts=cur[:len(keys)] + [n_unseen],
     )
     return _verdict(fs, alpha, min_effect, max_missing_delta)
 

@@ -37,7 +37,7 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 from pydantic import BaseModel, Field
 
-from blocks.mlflow_config import resolve_mlflow_config
+from blocks.mlflow_config import MLflowConfig, resolve_mlflow_config
 from tasks.errors import (ConfigurationError, InvalidModelNameError, ModelNotFoundError,
                           RegistryError, VersionNotFoundError)
 
@@ -104,7 +104,7 @@ _clients: dict[tuple[str, str], MlflowClient] = {}  # (tracking URI, registry UR
 _clients_lock = threading.Lock()
 
 
-def mlflow_client(config=None) -> MlflowClient:
+def mlflow_client(config: MLflowConfig | None = None) -> MlflowClient:
     """A client on `config`, else on the configuration in force (saved block, else embedded
     SQLite).
 

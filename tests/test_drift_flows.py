@@ -3,6 +3,7 @@ MLflow store: one tiny churn model for the module (the training file is deleted 
 so the checks can only use the stored profile)."""
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.models import infer_signature
+from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
@@ -128,7 +130,17 @@ def test_a_drifted_batch_is_flagged_recorded_published_and_announced(churn):
     png = Path(mlflow.artifacts.download_artifacts(run_id=report.run_id,
                                                    artifact_path="drift/most_drifted_features.png"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    with Image.open(png) as image:  # the four most drifted features, two panels a row
+        image.load()
+        assert image.format == "PNG" and image.width > image.height > 400
     assert report.plot_uri.endswith("drift/most_drifted_features.png")
+    # the report in MLflow holds what the plot draws: the batch over the profile's cells
+    recorded = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=report.run_id, artifact_path="drift/report.json")).read_text())
+    recorded = {f["name"]: f for f in recorded["features"]}
+    assert recorded["contract"]["current_counts"] == contract.current_counts
+    for f in (contract, tenure):
+        assert sum(f.current_counts) == f.n_current == report.n_current
 
     # Prefect UI: markdown summary linking the plot, structured table
     markdown = read_artifacts("drift-churn-drift")
@@ -152,8 +164,10 @@ def test_a_drifted_batch_is_flagged_recorded_published_and_announced(churn):
 
 
 def test_an_undrifted_batch_is_not_drifted(churn):
-    report = check_drift(MODEL, churn.frame, version=churn.version)  # a DataFrame works too
+    frame = churn.frame.copy()
+    report = check_drift(MODEL, frame, version=churn.version)  # a DataFrame works too
     assert not report.drifted and report.score < 0.1
+    pd.testing.assert_frame_equal(frame, churn.frame)  # the caller's frame is left as it was
     assert report.data_ref is None and not report.alerted
     assert mlflow_client().get_run(report.run_id).data.tags["mlops.drifted"] == "false"
 

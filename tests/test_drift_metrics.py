@@ -336,6 +336,34 @@ def test_categorical_unseen_and_truncation():
     assert not fs3.drifted and math.isfinite(fs3.psi)
 
 
+def test_current_counts_are_the_batch_over_the_profiles_cells():
+    """What a plot of the check needs, without the batch: the current rows per reference bin
+    (numeric, NaN left out) and per profiled category, then the rows outside them."""
+    rng = np.random.default_rng(12)
+    ref = pd.DataFrame({"x": rng.normal(0, 1, 5_000),
+                        "c": rng.choice(np.array(CAT_NAMES), 5_000, p=CAT_P)})
+    x = rng.normal(0.3, 1, 3_000)
+    x[:40] = np.nan
+    x[40:60] = 0.0  # ties, some of them on a bin edge below
+    cur = pd.DataFrame({"x": x, "c": np.concatenate([
+        rng.choice(np.array(CAT_NAMES[:4]), 2_900), np.array(["zz"] * 60 + [None] * 40)])})
+    prof = build_profile(ref)
+    prof["features"]["x"]["bins"]["edges"][4] = 0.0
+    got = {f.name: f for f in compare_to_profile(prof, cur)}
+
+    edges = np.asarray(prof["features"]["x"]["bins"]["edges"])
+    values = x[~np.isnan(x)]
+    inside = [int(((values > lo) & (values <= hi)).sum())
+              for lo, hi in zip(np.concatenate([[-np.inf], edges]),
+                                np.concatenate([edges, [np.inf]]))]
+    assert got["x"].current_counts == inside and sum(inside) == 2_960
+
+    profiled = list(prof["features"]["c"]["categories"])
+    expected = [int((cur["c"] == k).sum()) for k in profiled] + [60]
+    assert got["c"].current_counts == expected and sum(expected) == 2_960
+    assert got["c"].to_dict()["current_counts"] == expected  # JSON-ready, like every field
+
+
 def test_missing_rate_delta_and_optional_verdict():
     rng = np.random.default_rng(10)
     ref = pd.DataFrame({"x": rng.normal(size=5000)})
