@@ -1,5 +1,5 @@
-"""Drift detection and production monitoring (DESIGN.md §5): check_drift, evaluate_production,
-profile_model. The seed's `get_drift_score` / `get_performance_metrics` and its alerts.
+"""Drift detection and production monitoring (docs/python-api.md): check_drift, evaluate_production,
+profile_model. The MLOps deployment guide's `get_drift_score` / `get_performance_metrics` and its alerts.
 
 check_drift reads only the version's stored profile (never the training data): load the policy →
 read the reference → load the batch → compare → record in MLflow (+ plot) → publish to the UI →

@@ -65,7 +65,7 @@ class ProfileNotFoundError(MlopsError, LookupError):
 
 # --------------------------------------------------------------------------- results
 class FeatureDrift(BaseModel):
-    """One feature of a drift check (DESIGN.md section 5; extra fields after ``drifted``)."""
+    """One feature of a drift check (docs/python-api.md; extra fields after ``drifted``)."""
 
     name: str
     kind: Literal["numeric", "categorical"]
@@ -99,7 +99,7 @@ class FeatureDrift(BaseModel):
 
 
 class DriftReport(BaseModel):
-    """The result of ``check_drift`` (DESIGN.md section 5; extra fields after ``n_current``)."""
+    """The result of ``check_drift`` (docs/python-api.md; extra fields after ``n_current``)."""
 
     model_name: str
     version: int
@@ -799,7 +799,7 @@ def store_profile(reference: Reference, loaded: LoadedData, overwrite: bool) -> 
 
 # --------------------------------------------------------------------------- evaluate_production
 class PerformanceReport(BaseModel):
-    """The result of ``evaluate_production`` (DESIGN.md section 5; extra fields after
+    """The result of ``evaluate_production`` (docs/python-api.md; extra fields after
     ``degraded``)."""
 
     model_name: str

@@ -1,6 +1,6 @@
 """Drift statistics for tabular features (pure: numpy, scipy and pandas only -- no Prefect, no MLflow).
 
-Two steps, so a drift check never needs the training data (DESIGN.md section 2, "stored with every
+Two steps, so a drift check never needs the training data (docs/architecture.md, "stored with every
 version"):
 
 1. :func:`build_profile` summarises a *reference* DataFrame (the training data) into a compact,
@@ -11,7 +11,7 @@ version"):
 
 The per-statistic functions (:func:`psi`, :func:`ks_2samp_raw`, :func:`ks_from_sketch`,
 :func:`chi2_test`, :func:`js_distance`, :func:`wasserstein_raw`, ...) are public too; the tests
-compare them with their oracles (DESIGN.md section 4).
+compare them with their oracles (docs/architecture.md, "Statistics").
 
 Numeric features
 ----------------
@@ -46,7 +46,7 @@ PSI
     the reference and current proportions floored at ``PSI_EPSILON = 1e-4`` (no renormalisation),
     so empty bins give a finite value and identical data give exactly 0. Without drift
     ``PSI ~ (1/n + 1/m) chi2(B - 1)`` approximately (B = number of bins), which gives
-    ``psi_p_value`` and the noise threshold ``psi_threshold`` at ``alpha`` (DESIGN.md section 4:
+    ``psi_p_value`` and the noise threshold ``psi_threshold`` at ``alpha`` (docs/architecture.md:
     a fixed cut-off such as 0.1 is noise at 1k rows and a tiny effect at 1M rows).
 
 Wasserstein
