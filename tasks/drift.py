@@ -409,11 +409,14 @@ def _categorical_bars(name: str, fp: dict, f: FeatureDrift, top: int = 12) -> _P
 
 @functools.lru_cache(maxsize=None)
 def _font(pixels: int):
-    import matplotlib
+    """DejaVu Sans from matplotlib's data folder, found without importing matplotlib (~0.3 s in a
+    fresh worker process)."""
+    from importlib.util import find_spec
+
     from PIL import ImageFont
 
-    return ImageFont.truetype(
-        str(Path(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")), pixels)
+    package = Path(find_spec("matplotlib").origin).parent
+    return ImageFont.truetype(str(package / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"), pixels)
 
 
 def _ticks(top: float, most: int = 6) -> tuple[list[float], int]:
