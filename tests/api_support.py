@@ -1,6 +1,9 @@
 """Helpers of the REST API tests: an app on a module's own state folder, keys, polling runs."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import shutil
 import time
 from dataclasses import dataclass
@@ -63,8 +66,9 @@ def use_experiment(name: str) -> None:
     mlflow.set_experiment(name)
 
 
-def make_world(tmp_path_factory, template_db: Path, name: str):
-    """(World, undo): MLOPS_HOME on a fresh state folder, three keys, the app and its client."""
+@contextmanager
+def api_world(tmp_path_factory, template_db: Path, name: str) -> Iterator[World]:
+    """MLOPS_HOME on a fresh state folder, three keys, the app and its client; undone after."""
     home = tmp_path_factory.mktemp(name)
     state = home / "state"
     state.mkdir()
@@ -76,16 +80,13 @@ def make_world(tmp_path_factory, template_db: Path, name: str):
     keys = {scope: keys_file.create(f"test-{scope}", [scope])[0]
             for scope in ("read", "write", "admin")}
     settings = APISettings(keys_file=str(keys_file.path), key_cache_seconds=0.3)
-    client = TestClient(create_app(settings), raise_server_exceptions=False)
-    client.__enter__()
-
-    def undo():
-        client.__exit__(None, None, None)
+    try:
+        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+            yield World(home=home, client=client, keys=keys, keys_file=keys_file)
+    finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
         mp.undo()
-
-    return World(home=home, client=client, keys=keys, keys_file=keys_file), undo
 
 
 def assert_error(response, status: int, type_: str | None = None, field: str | None = None,

@@ -6,17 +6,14 @@ import pytest
 
 from blocks.ab_policy import ABPolicy
 from blocks.mlflow_config import DEFAULT_DOCUMENT, MLflowConfig
-from tests.api_support import assert_error, make_world
+from tests.api_support import assert_error, api_world
 from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, mlflow_template_db):
-    world, undo = make_world(tmp_path_factory, mlflow_template_db, "api-backends")
-    try:
+    with api_world(tmp_path_factory, mlflow_template_db, "api-backends") as world:
         yield world
-    finally:
-        undo()
 
 
 def test_mlflow_down_is_503_naming_mlflow(world, monkeypatch):

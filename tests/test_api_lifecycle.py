@@ -12,23 +12,20 @@ from flows.retraining import retraining_check
 from flows.training import train_model
 from tasks.retraining import retraining_slot
 from tasks.demo_data import churn_frame
-from tests.api_support import BASE, FAST, assert_error, make_world
+from tests.api_support import BASE, FAST, assert_error, api_world
 
 MODEL = "churn_life"
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, mlflow_template_db):
-    world, undo = make_world(tmp_path_factory, mlflow_template_db, "api-lifecycle")
-    churn = churn_frame().sample(2400, random_state=8).reset_index(drop=True)
-    train_model(churn.iloc[:600], "churn", MODEL, **FAST)
-    train_model(churn.iloc[:1200], "churn", MODEL, **FAST)
-    world.labelled = world.home / "labelled.csv"
-    churn.to_csv(world.labelled, index=False)
-    try:
+    with api_world(tmp_path_factory, mlflow_template_db, "api-lifecycle") as world:
+        churn = churn_frame().sample(2400, random_state=8).reset_index(drop=True)
+        train_model(churn.iloc[:600], "churn", MODEL, **FAST)
+        train_model(churn.iloc[:1200], "churn", MODEL, **FAST)
+        world.labelled = world.home / "labelled.csv"
+        churn.to_csv(world.labelled, index=False)
         yield world
-    finally:
-        undo()
 
 
 # --------------------------------------------------------------------------- A/B tests

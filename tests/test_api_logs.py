@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from sklearn.linear_model import LogisticRegression
 
 from api.logs import configure_logging
-from tests.api_support import BASE, assert_error, make_world, use_experiment
+from tests.api_support import BASE, assert_error, api_world, use_experiment
 
 MODEL = "logged_api"
 FIELDS = {"timestamp", "level", "message", "module", "model_name", "version", "request_id",
@@ -23,11 +23,8 @@ FIELDS = {"timestamp", "level", "message", "module", "model_name", "version", "r
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, mlflow_template_db):
-    world, undo = make_world(tmp_path_factory, mlflow_template_db, "api-logs")
-    try:
+    with api_world(tmp_path_factory, mlflow_template_db, "api-logs") as world:
         yield world
-    finally:
-        undo()
 
 
 @pytest.fixture

@@ -10,21 +10,18 @@ from sklearn.linear_model import LogisticRegression
 
 from api.keys import main as keys_cli
 from tasks.demo_data import churn_frame
-from tests.api_support import BASE, FAST, assert_error, make_world, use_experiment
+from tests.api_support import BASE, FAST, assert_error, api_world, use_experiment
 
 MODEL = "churn_api"
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, mlflow_template_db):
-    world, undo = make_world(tmp_path_factory, mlflow_template_db, "api-registry")
-    churn = churn_frame().sample(900, random_state=3).reset_index(drop=True)
-    world.data = world.home / "churn.csv"
-    churn.to_csv(world.data, index=False)
-    try:
+    with api_world(tmp_path_factory, mlflow_template_db, "api-registry") as world:
+        churn = churn_frame().sample(900, random_state=3).reset_index(drop=True)
+        world.data = world.home / "churn.csv"
+        churn.to_csv(world.data, index=False)
         yield world
-    finally:
-        undo()
 
 
 @pytest.fixture(scope="module")
