@@ -53,10 +53,13 @@ def check_drift(model_name: str, data: DataRef, version: int | str = "champion",
     """
     started = time.monotonic()
     validate_model_name(model_name)
+    # the profile (MLflow), the batch (file, S3 or memory) and the policy (a block) are read at
+    # the same time
+    reference = load_reference.submit(model_name, version)
+    batch = load_batch.submit(data)
     settings = _policy(policy)
-    reference = load_reference(model_name, version)
-    batch = load_batch(data)
-    report = compare_batch(reference, batch, settings)
+    reference = reference.result()
+    report = compare_batch(reference, batch.result(), settings)
 
     recorded = record_drift_check(report, reference)
     report.run_id, report.plot_uri = recorded.run_id, recorded.plot_uri
@@ -98,10 +101,11 @@ def evaluate_production(model_name: str, data: DataRef, target: str, version: in
     """
     started = time.monotonic()
     validate_model_name(model_name)
+    reference = load_reference.submit(model_name, version, need_profile=False, read_profile=False)
+    batch = load_batch.submit(data)
     settings = _policy(policy)
-    reference = load_reference(model_name, version, need_profile=False, read_profile=False)
-    batch = load_batch(data)
-    report = evaluate_batch(reference, batch, target, settings)
+    reference = reference.result()
+    report = evaluate_batch(reference, batch.result(), target, settings)
 
     recorded = record_evaluation(report, reference)
     report.run_id = recorded.run_id

@@ -341,7 +341,9 @@ def build_drift_report(reference: Reference, current: pd.DataFrame, policy: Moni
 
 @task(name="compare-to-profile", cache_policy=NO_CACHE)
 def compare_batch(reference: Reference, loaded: LoadedData, policy: MonitoringPolicy) -> DriftReport:
-    return build_drift_report(reference, loaded.frame, policy, loaded.ref, loaded.sha256)
+    report = build_drift_report(reference, loaded.frame, policy, loaded.ref)
+    report.data_sha256 = loaded.sha256  # hashed while the comparison ran
+    return report
 
 
 # --------------------------------------------------------------------------- plots
@@ -927,7 +929,9 @@ def evaluate_labelled(reference: Reference, frame: pd.DataFrame, target: str,
 @task(name="score-labelled-batch", cache_policy=NO_CACHE)
 def evaluate_batch(reference: Reference, loaded: LoadedData, target: str,
                    policy: MonitoringPolicy) -> PerformanceReport:
-    return evaluate_labelled(reference, loaded.frame, target, policy, loaded.ref, loaded.sha256)
+    report = evaluate_labelled(reference, loaded.frame, target, policy, loaded.ref)
+    report.data_sha256 = loaded.sha256  # hashed while the batch was scored
+    return report
 
 
 @task(name="record-evaluation", cache_policy=NO_CACHE)

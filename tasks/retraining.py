@@ -225,7 +225,7 @@ def score_gate(model_name: str, champion_version: int, challenger_version: int,
                gate_path: str) -> tuple[dict[str, float], dict[str, float]]:
     """Both versions on the very same rows (one frame, read once): (champion, challenger)."""
     frame = pd.read_parquet(gate_path)
-    loaded = LoadedData(frame=frame, ref=gate_path, sha256=frame_sha256(frame))
+    loaded = LoadedData(frame=frame, ref=gate_path)
     return (score_version.fn(model_name, champion_version, loaded),
             score_version.fn(model_name, challenger_version, loaded))
 
@@ -298,7 +298,7 @@ def production_metric(champion: ChampionState, view: LabelledView | None
     newest recorded evaluate_production."""
     if view is not None and view.n_unseen >= MIN_EVAL_ROWS:
         rows = view.frame[view.unseen]
-        loaded = LoadedData(frame=rows, ref=None, sha256=frame_sha256(rows))
+        loaded = LoadedData(frame=rows, ref=None)
         scores = score_version.fn(champion.model_name, champion.version, loaded)
         return scores.get(champion.metric), f"on {len(rows)} labelled rows v{champion.version} " \
                                             f"has not seen ({view.how})"
@@ -410,7 +410,7 @@ def verify_champion(model_name: str, version: int, gate_path: str, metric: str,
         raise RegistryError(f"after promotion `champion` points at v{held}, not v{version}")
     frame = pd.read_parquet(gate_path)
     scores = score_version.fn(model_name, "champion",
-                              LoadedData(frame=frame, ref=gate_path, sha256=frame_sha256(frame)))
+                              LoadedData(frame=frame, ref=gate_path))
     if not math.isclose(scores.get(metric, float("nan")), expected, rel_tol=1e-9, abs_tol=1e-12):
         raise RegistryError(f"the promoted champion scores {metric} {scores.get(metric)} on the "
                             f"gate rows, not the {expected} the gate measured")
