@@ -1,4 +1,4 @@
-"""Registry flows: register, promote, roll back, list and compare versions, alias history."""
+"""Registry flows: register, promote, roll back, list and compare versions, alias history, audit."""
 from __future__ import annotations
 
 from typing import Literal
@@ -7,6 +7,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.parameters import DataRef, data_flow
+from tasks.audit import AuditReport, publish_audit, run_audit
 from tasks.comparison import Comparison, compare_recorded, score_version, scores_table
 from tasks.events import emit_model_event
 from tasks.registry import (AliasMove, VersionInfo, check_model_source, find_previous_champion,
@@ -95,6 +96,26 @@ def alias_history(model_name: str) -> list[AliasMove]:
     """
     validate_model_name(model_name)
     return read_alias_moves(model_name)
+
+
+@flow(name="audit-registry")
+def audit_registry(model_name: str, repair: bool = False) -> AuditReport:
+    """Check that what MLflow holds for a model agrees with what mlops-flows recorded: aliases
+    point at existing versions, replaying the alias history gives the current aliases, every
+    version's model files and stored schema / profile / row fingerprints are there, and no model
+    source was registered twice. Findings name the version and the fix; the run still completes
+    (read `ok`). Markdown artifact `audit-<model>`.
+
+    Args:
+        model_name: Registered model name, e.g. customer_churn.
+        repair: Record aliases moved outside mlops-flows where they are now (a history entry of
+            kind audit-repair), so that alias_history and rollback agree with the registry.
+            Nothing else is changed.
+    """
+    validate_model_name(model_name)
+    report = run_audit(model_name, repair)
+    publish_audit(report)
+    return report
 
 
 @data_flow(name="compare-versions", persist_result=True)

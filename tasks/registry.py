@@ -292,8 +292,14 @@ def move_alias(client: MlflowClient, name: str, alias: str, version: int | None,
         client.delete_registered_model_alias(name, alias)
     else:
         _set_alias(client, name, alias, version)
+    return record_alias_move(client, model, alias, current, version, reason, kind)
+
+
+def record_alias_move(client: MlflowClient, model, alias: str, from_version: int | None,
+                      to_version: int | None, reason: str, kind: str) -> dict[str, Any]:
+    """Record a move in the model's history (the alias itself is not touched)."""
     at_ns = time.time_ns()
-    entry = {"alias": alias, "from": current, "to": version, "kind": kind,
+    entry = {"alias": alias, "from": from_version, "to": to_version, "kind": kind,
              "reason": (reason or "")[:REASON_MAX_CHARS],
              "at": datetime.fromtimestamp(at_ns / 1e9, tz=timezone.utc).isoformat(
                  timespec="microseconds")}
