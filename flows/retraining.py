@@ -33,7 +33,8 @@ from tasks.retraining import (RetrainingInProgressError, active_ab_tests, data_d
                               history_table, hours_since_last, keep_as_challenger,
                               latest_drift, load_champion, load_history, load_labelled, mark_seen,
                               plan_gate, production_metric, promote_champion, read_schema,
-                              record_retraining, retraining_slot, score_gate, verify_champion)
+                              record_retraining, retraining_slot, score_gate,
+                              undo_interrupted_promotion, verify_champion)
 from tasks.retraining_rules import (RetrainDecision, RetrainResult, Signal, Trigger, age_signal,
                                     cooldown_signal, decide, drift_signal, gate_verdict,
                                     metric_floor, metric_signal, rows_signal, schema_differences,
@@ -144,12 +145,14 @@ def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "ma
     settings = _policy(model_name, policy)
     monitoring = resolve_monitoring_policy(settings.monitoring_policy)
     monitoring.check_channels()
-    champion = load_champion(model_name)
-    result = RetrainResult(model_name=model_name, trigger=trigger, reason=reason,
-                           champion_version=champion.version, decision="failed",
-                           metric=champion.metric, margin=settings.promotion_margin,
-                           started_at=started_at)
     with retraining_slot(model_name):
+        # a promotion left unverified by a run that died is undone before anything else
+        undo_interrupted_promotion(model_name)
+        champion = load_champion(model_name)
+        result = RetrainResult(model_name=model_name, trigger=trigger, reason=reason,
+                               champion_version=champion.version, decision="failed",
+                               metric=champion.metric, margin=settings.promotion_margin,
+                               started_at=started_at)
         # bad input is refused here, before anything is trained, registered or recorded
         view = find_unseen(load_labelled(data), target, champion)
         plan = plan_gate(view, champion, settings)

@@ -13,7 +13,9 @@ Checks, each finding naming the version or alias and what to do:
 * ``version-files``: files a version trained by ``train_model`` promises are stored: its input
   schema, drift profile and row fingerprints;
 * ``duplicate-version``: two versions registered from the same model source (a registration that
-  was retried after it had in fact succeeded).
+  was retried after it had in fact succeeded);
+* ``promotion-interrupted``: a retraining moved ``champion`` and died before verifying it (its
+  intent is still recorded).
 
 The checks are plain functions on an MLflow client; `run_audit` / `publish_audit` are their tasks.
 """
@@ -32,12 +34,13 @@ from pydantic import BaseModel, Field
 from tasks.drift import PROFILE_NAME, PROFILE_RUN_TAG, SCHEMA_NAME
 from tasks.registry import (alias_map, get_registered_model, mlflow_client, model_slug,
                             read_alias_history, record_alias_move, validate_model_name)
+from tasks.retraining import read_promotion_intent
 from tasks.training import SEEN_ROWS_NAME
 
 logger = logging.getLogger(__name__)
 
 Check = Literal["alias-target", "alias-history", "model-files", "version-files",
-                "duplicate-version"]
+                "duplicate-version", "promotion-interrupted"]
 
 
 class AuditFinding(BaseModel):
@@ -207,6 +210,14 @@ def audit_model(client, model_name: str, repair: bool = False) -> AuditReport:
         findings += _version_files(client, mv)
     findings += duplicate_findings({int(mv.version): (mv.tags or {}).get("mlops.source")
                                     for mv in versions})
+    intent = read_promotion_intent(client, model_name)
+    if intent is not None:
+        findings.append(AuditFinding(
+            check="promotion-interrupted", version=intent.get("to"), alias="champion",
+            message=f"a retraining (flow run {intent.get('flow_run_id')}) moved champion from "
+                    f"v{intent.get('from')} to v{intent.get('to')} at {intent.get('at')} and has "
+                    "not verified it; unless that run is still going, it died: the model's next "
+                    "retrain_model undoes it first, or roll back now with rollback_model"))
     return AuditReport(model_name=model_name, ok=not findings, versions=numbers, aliases=current,
                        moves_replayed=len(history), findings=findings,
                        audited_at=datetime.now(timezone.utc))

@@ -370,9 +370,43 @@ def retraining_slot(model_name: str) -> Iterator[str]:
 
 
 # --------------------------------------------------------------------------- promotion
+# A promotion is: record the intent (registered-model tag) -> move `champion` -> verify it -> clear
+# the intent. A run killed between the move and the verification leaves the intent behind; the
+# model's next retraining undoes the unverified promotion first (undo_interrupted_promotion).
+PROMOTION_INTENT_TAG = "mlops.promotion_intent"
+
+
+def read_promotion_intent(client, model_name: str) -> dict[str, Any] | None:
+    raw = (client.get_registered_model(model_name).tags or {}).get(PROMOTION_INTENT_TAG)
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return {"from": None, "to": None, "raw": raw}
+
+
+def clear_promotion_intent(client, model_name: str) -> None:
+    try:
+        client.delete_registered_model_tag(model_name, PROMOTION_INTENT_TAG)
+    except MlflowException:
+        pass  # already cleared
+
+
+def restore_champion(client, model_name: str, previous: int | None, promoted: int,
+                     why: str) -> None:
+    """`champion` back on `previous` (removed if there was none), `challenger` on `promoted`."""
+    if previous is None:
+        move_alias(client, model_name, "champion", None, why, "rollback")
+    else:
+        promote(client, model_name, previous, "champion", why, kind="rollback")
+    move_alias(client, model_name, "challenger", promoted, why, "rollback")
+
+
 @task(name="promote-challenger-to-champion", cache_policy=NO_CACHE)
 def promote_champion(model_name: str, version: int, reason: str) -> int | None:
-    """Move `champion` to `version`; inside a transaction, its rollback hook moves it back."""
+    """Move `champion` to `version`, the intent recorded first; inside a transaction, its rollback
+    hook moves it back and its commit hook (after verification) clears the intent."""
+    from prefect.runtime import flow_run
+
     client = mlflow_client()
     previous = alias_map(client, model_name).get("champion")
     txn = get_transaction()
@@ -380,8 +414,16 @@ def promote_champion(model_name: str, version: int, reason: str) -> int | None:
         txn.set("model_name", model_name)
         txn.set("previous_champion", previous)
         txn.set("promoted", version)
+    client.set_registered_model_tag(model_name, PROMOTION_INTENT_TAG, json.dumps({
+        "from": previous, "to": version, "flow_run_id": flow_run.get_id(),
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
     promote(client, model_name, version, "champion", reason, kind="retrain")
     return previous
+
+
+@promote_champion.on_commit
+def _promotion_verified(txn: Transaction) -> None:
+    clear_promotion_intent(mlflow_client(), txn.get("model_name"))
 
 
 @promote_champion.on_rollback
@@ -389,14 +431,38 @@ def _restore_champion(txn: Transaction) -> None:
     name, previous, promoted = (txn.get("model_name"), txn.get("previous_champion"),
                                 txn.get("promoted"))
     client = mlflow_client()
-    why = f"retraining failed after promoting v{promoted}: champion restored"
-    if previous is None:
-        move_alias(client, name, "champion", None, why, "rollback")
-    else:
-        promote(client, name, previous, "champion", why, kind="rollback")
-    move_alias(client, name, "challenger", promoted, why, "rollback")
+    restore_champion(client, name, previous, promoted,
+                     f"retraining failed after promoting v{promoted}: champion restored")
+    clear_promotion_intent(client, name)
     get_run_logger().warning("rolled back: %s champion is v%s again (v%s stays challenger)",
                              name, previous, promoted)
+
+
+@task(name="undo-interrupted-promotion", cache_policy=NO_CACHE)
+def undo_interrupted_promotion(model_name: str) -> str | None:
+    """Call holding the model's retraining slot: an intent still recorded then belongs to a run
+    that died between moving `champion` and verifying it. If `champion` is still where that run
+    put it, it goes back to the version before (the promoted one stays challenger); either way
+    the intent is cleared. Returns what was done, None when nothing was pending."""
+    client = mlflow_client()
+    intent = read_promotion_intent(client, model_name)
+    if intent is None:
+        return None
+    promoted, previous = intent.get("to"), intent.get("from")
+    held = alias_map(client, model_name).get("champion")
+    if promoted is not None and held == promoted:
+        restore_champion(client, model_name, previous, promoted,
+                         f"promotion of v{promoted} interrupted before its verification (flow "
+                         f"run {intent.get('flow_run_id')} died): champion restored")
+        done = (f"undid the unverified promotion of v{promoted} (flow run "
+                f"{intent.get('flow_run_id')} died before verifying it): champion is "
+                f"{'v' + str(previous) if previous is not None else 'unset'} again")
+    else:
+        done = (f"cleared the intent of an interrupted promotion of v{promoted}: champion has "
+                f"moved since (now {'v' + str(held) if held is not None else 'unset'})")
+    clear_promotion_intent(client, model_name)
+    get_run_logger().warning("%s: %s", model_name, done)
+    return done
 
 
 @task(name="verify-champion", cache_policy=NO_CACHE)
