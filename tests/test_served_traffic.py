@@ -178,3 +178,19 @@ def test_concurrent_offers_from_threads_lose_nothing(state_dir):
         t.join()
     sampler.close()
     assert served_counts() == {"churn": 2000} and sampler.written == 2000
+
+
+def test_a_large_window_is_thinned_evenly_over_its_span(state_dir):
+    """Above max_rows a served: reference keeps every k-th row of the whole window, not only the
+    newest ones."""
+    engine = served_engine()
+    now = datetime.now(timezone.utc)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(served_table), [
+            {"model_name": "churn", "version": 1,
+             "served_ms": int((now - timedelta(minutes=1000 - i)).timestamp() * 1000),
+             "features": f'{{"minute": {i}}}'} for i in range(1000)])
+    frame = load_served_ref("served:churn:24h", max_rows=100)
+    assert len(frame) == 100
+    assert frame["minute"].min() < 20 and frame["minute"].max() > 980
+    assert len(load_served_ref("served:churn:24h")) == 1000
