@@ -157,13 +157,20 @@ def mlflow_collectors(ttl_s: float | None = None,
     the monitoring policy's ``metrics_cache_seconds``). `reader` reads a snapshot (default:
     :func:`tasks.metric_sources.read_monitoring_snapshot` on the MLflow configuration in force).
 
-    Wiring (one call per service worker)::
+    Wiring: call it once per service worker (at start-up; the cache lives in the collectors),
+    and register the same collectors on the registry each scrape builds::
 
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)        # the hot-path counter and histogram
-        for collector in mlflow_collectors():
-            registry.register(collector)
-        generate_latest(registry)              # the body of GET /metrics
+        FIGURES = mlflow_collectors()           # once per worker process
+
+        def metrics_body() -> bytes:            # GET /metrics
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)     # the hot-path counter and histogram
+            for collector in FIGURES:
+                registry.register(collector)
+            return generate_latest(registry)
+
+    Every worker reads MLflow on its own (at most once per TTL), so whichever worker answers a
+    scrape shows the same figures; these families are not written to the multiprocess directory.
     """
     if ttl_s is None:
         from blocks.monitoring import resolve_monitoring_policy

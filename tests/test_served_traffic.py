@@ -194,3 +194,36 @@ def test_a_large_window_is_thinned_evenly_over_its_span(state_dir):
     assert len(frame) == 100
     assert frame["minute"].min() < 20 and frame["minute"].max() > 980
     assert len(load_served_ref("served:churn:24h")) == 1000
+
+
+@pytest.mark.postgres
+def test_postgres_store_keeps_reads_thins_and_prunes(request, state_dir):
+    """The same table on PostgreSQL (the production A/B store): written by two samplers at once
+    (two service workers), read back, thinned, pruned."""
+    from tasks.served_traffic import prune_served
+    from tests.test_ab_store import shared_postgres_url
+
+    url = shared_postgres_url(request)
+    model = f"pg_{request.node.name[-8:]}_{int(time.time() * 1000) % 10**8}"
+    workers = [ServedTrafficSampler(1.0, url=url, flush_rows=50, flush_seconds=0.05)
+               for _ in range(2)]
+    threads = [threading.Thread(target=lambda s=s: [s.offer(model, 1, rows(10, start=k * 10))
+                                                   for k in range(30)]) for s in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in workers:
+        s.close()
+    since = datetime.now(timezone.utc) - timedelta(minutes=5)
+    back = load_served(model, since, url=url)
+    assert len(back) == 600 and sorted(back["tenure"].unique()) == sorted(rows(300)["tenure"].unique())
+    assert len(load_served(model, since, url=url, every=3)) in range(190, 211)
+    with served_engine(url).begin() as conn:
+        conn.execute(sa.update(served_table).where(served_table.c.model_name == model,
+                                                   served_table.c.id % 2 == 0)
+                     .values(served_ms=served_table.c.served_ms - 40 * 86_400_000))
+    assert prune_served(retention_days=30, max_rows_per_model=None, url=url) >= 300
+    assert served_counts(url).get(model) == 300
+    assert prune_served(retention_days=None, max_rows_per_model=100, url=url) >= 200
+    assert served_counts(url).get(model) == 100
