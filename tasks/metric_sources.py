@@ -19,8 +19,9 @@ A/B outcomes are not used as an accuracy: they measure the business outcome of a
 a model without an ``evaluate_production`` run simply has no accuracy sample.
 
 :func:`read_monitoring_snapshot` costs one listing of the registered models (with their aliases),
-two run searches per model with a champion (plus a version lookup for regressors) and one search
-for all retraining runs (the api/ collector caches it).
+one search over all models' newest drift checks and one over their evaluations (plus a search of
+its own for a champion not among the newest runs, and a version lookup per regressor), and one
+search for all retraining runs (the api/ collector caches it; bench/monitoring.py measures it).
 """
 from __future__ import annotations
 
@@ -114,15 +115,48 @@ def champions(client: MlflowClient) -> list[tuple[str, int]]:
             return found
 
 
-def champion_figures(client: MlflowClient, experiment_ids: list[str], model_name: str,
-                     version: int) -> ModelFigures:
-    """The newest drift check and production evaluation of one champion version."""
+def newest_runs(client: MlflowClient, experiment_ids: list[str], kind: str,
+                champions_: dict[str, int], page_size: int, max_pages: int = 3,
+                workers: int = 4) -> dict[str, object]:
+    """model -> the newest run of `kind` recorded for its champion version.
+
+    One search over every model's runs of that kind, newest first, up to `max_pages` pages of
+    `page_size`: with checks made regularly, every champion's newest run is on the first page.
+    Champions not found there (never checked lately) get a search of their own (`workers` at a
+    time); when the search runs out of runs first, the missing champions have none."""
+    found: dict[str, object] = {}
+    token, exhausted = None, False
+    for _ in range(max_pages):
+        page = client.search_runs(experiment_ids, f"tags.`mlops.kind` = '{kind}'",
+                                  order_by=["attributes.start_time DESC"],
+                                  max_results=page_size, page_token=token)
+        for run in page:
+            name = run.data.tags.get("mlops.model_name")
+            if (name in champions_ and name not in found
+                    and run.data.tags.get("mlops.model_version") == str(champions_[name])):
+                found[name] = run
+        token = page.token
+        if not token:
+            exhausted = True
+            break
+        if len(found) == len(champions_):
+            break
+    missing = [n for n in champions_ if n not in found]
+    if missing and not exhausted:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            runs = pool.map(lambda n: _newest(client, experiment_ids, kind, n, champions_[n]),
+                            missing)
+            found.update({n: r for n, r in zip(missing, runs) if r is not None})
+    return found
+
+
+def champion_figures(client: MlflowClient, model_name: str, version: int, drift, evaluation
+                     ) -> ModelFigures:
+    """Shape the newest drift check and production evaluation of one champion version."""
     figures = ModelFigures(model_name=model_name, version=version)
-    drift = _newest(client, experiment_ids, DRIFT_KIND, model_name, version)
     if drift is not None and "drift_score" in drift.data.metrics:
         figures.drift_score = float(drift.data.metrics["drift_score"])
         figures.drift_run_id, figures.drift_at = drift.info.run_id, _when(drift)
-    evaluation = _newest(client, experiment_ids, EVALUATION_KIND, model_name, version)
     if evaluation is not None:
         metrics = evaluation.data.metrics
         figures.evaluation_run_id, figures.evaluated_at = evaluation.info.run_id, _when(evaluation)
@@ -154,11 +188,12 @@ def retraining_counts(client: MlflowClient, experiment_ids: list[str]
             return dict(counts)
 
 
-def read_monitoring_snapshot(client: MlflowClient | None = None,
-                             workers: int = 4) -> MonitoringSnapshot:
+def read_monitoring_snapshot(client: MlflowClient | None = None, workers: int = 4,
+                             page_size: int | None = None) -> MonitoringSnapshot:
     """Every champion's newest drift score and production quality, and the retraining counts,
-    read from MLflow (`workers` models at a time: a remote tracking server answers in parallel).
-    MLflow errors propagate."""
+    read from MLflow. `page_size` (default: twice the number of champions, at least 50) is the
+    page of the searches over all models' runs; `workers` searches run at a time for the
+    champions not found there. MLflow errors propagate."""
     if client is None:
         from tasks.registry import mlflow_client
 
@@ -167,9 +202,13 @@ def read_monitoring_snapshot(client: MlflowClient | None = None,
     experiments = all_experiment_ids(client)
     if not experiments:
         return MonitoringSnapshot(duration_s=time.monotonic() - started)
-    holders = champions(client)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        models = list(pool.map(lambda h: champion_figures(client, experiments, *h), holders))
+    holders = dict(champions(client))
+    size = page_size or max(50, 2 * len(holders))
+    drift, evaluations = ({}, {}) if not holders else (
+        newest_runs(client, experiments, DRIFT_KIND, holders, size, workers=workers),
+        newest_runs(client, experiments, EVALUATION_KIND, holders, size, workers=workers))
+    models = [champion_figures(client, name, version, drift.get(name), evaluations.get(name))
+              for name, version in sorted(holders.items())]
     counts = retraining_counts(client, experiments)
     return MonitoringSnapshot(models=models, retraining_runs=counts,
                               duration_s=time.monotonic() - started)

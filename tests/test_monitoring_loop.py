@@ -127,6 +127,11 @@ def test_gauges_and_counter_equal_what_the_flows_recorded(loop):
                    (("decision", retrained.decision), ("model_name", CLS)))] == 1.0
     assert values[("mlops_metrics_source_up", ())] == 1.0
 
+    # champions whose newest run is not among the newest runs of all models are searched alone
+    full = read_monitoring_snapshot()
+    assert read_monitoring_snapshot(page_size=1).models == full.models
+    assert {m.model_name for m in full.models} == {CLS, REG}
+
 
 def test_a_new_check_shows_after_the_cache_ttl(loop):
     ttl = 1.0
