@@ -81,6 +81,16 @@ def test_old_rows_go_and_active_test_rows_stay(stores):
     assert (again.predictions_deleted, again.served_deleted) == (0, 0)
 
 
+def test_an_unknown_policy_is_refused_before_anything_is_deleted(stores):
+    from tasks.errors import ConfigurationError
+
+    store, done, active = stores
+    before = store.row_counts()
+    with pytest.raises(ConfigurationError, match="no saved MonitoringPolicy document named 'nope'"):
+        prune_prediction_log(policy="nope")
+    assert store.row_counts() == before and served_counts() == {"churn": 2, "other": 2}
+
+
 def test_row_limit_keeps_the_newest_rows_of_concluded_tests(stores):
     store, done, active = stores
     result = prune_predictions(store, retention_days=None, max_rows=1)

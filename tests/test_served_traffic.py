@@ -227,3 +227,14 @@ def test_postgres_store_keeps_reads_thins_and_prunes(request, state_dir):
     assert served_counts(url).get(model) == 300
     assert prune_served(retention_days=None, max_rows_per_model=100, url=url) >= 200
     assert served_counts(url).get(model) == 100
+
+
+def test_the_service_sampler_follows_the_monitoring_policy(state_dir):
+    from blocks.monitoring import MonitoringPolicy
+    from tasks.served_traffic import sampler_from_policy
+
+    with sampler_from_policy() as default:  # nothing saved: the built-in 10 %
+        assert default.sample_rate == 0.1
+    with sampler_from_policy(MonitoringPolicy(served_sample_rate=0.0)) as off:
+        off.offer("churn", 1, rows(50))
+        assert off.pending == 0 and off._thread is None
