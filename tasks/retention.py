@@ -24,7 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.ab import ABStore, predictions_table, tests_table, to_ms
-from tasks.served_traffic import DELETE_CHUNK, prune_served, served_counts
+from tasks.served_traffic import delete_in_chunks, prune_served, served_counts
 
 
 @dataclass
@@ -45,22 +45,6 @@ def _count(conn, concluded: bool) -> int:
                             .where(where)).scalar_one())
 
 
-def _delete_chunked(store: ABStore, ids, total: int | None = None) -> int:
-    deleted = 0
-    writer = store.engine.execution_options(ab_write=True)  # BEGIN IMMEDIATE on SQLite
-    while total is None or deleted < total:
-        n = DELETE_CHUNK if total is None else min(DELETE_CHUNK, total - deleted)
-        with writer.begin() as conn:
-            chosen = conn.execute(ids(n)).scalars().all()
-            if not chosen:
-                break
-            deleted += conn.execute(sa.delete(predictions_table)
-                                    .where(predictions_table.c.id.in_(chosen))).rowcount
-        if len(chosen) < n:
-            break
-    return deleted
-
-
 def prune_predictions(store: ABStore, retention_days: float | None, max_rows: int | None,
                       now: datetime | None = None) -> PredictionLogPrune:
     """Delete prediction rows of concluded tests older than `retention_days`, then all but the
@@ -69,15 +53,15 @@ def prune_predictions(store: ABStore, retention_days: float | None, max_rows: in
     deleted = 0
     if retention_days is not None:
         cutoff = to_ms((now or datetime.now(timezone.utc)) - timedelta(days=retention_days))
-        deleted += _delete_chunked(store, lambda n: sa.select(p.id).where(
+        deleted += delete_in_chunks(store.engine, predictions_table, lambda n: sa.select(p.id).where(
             p.test_pk.in_(_concluded_pks()), p.predicted_ms < cutoff).limit(n))
     if max_rows is not None:
         with store.engine.connect() as conn:
             excess = _count(conn, concluded=True) - max_rows
         if excess > 0:
-            deleted += _delete_chunked(store, lambda n: sa.select(p.id).where(
-                p.test_pk.in_(_concluded_pks())).order_by(p.predicted_ms, p.id).limit(n),
-                total=excess)
+            deleted += delete_in_chunks(store.engine, predictions_table, lambda n: sa.select(p.id)
+                                        .where(p.test_pk.in_(_concluded_pks()))
+                                        .order_by(p.predicted_ms, p.id).limit(n), total=excess)
     with store.engine.connect() as conn:
         return PredictionLogPrune(deleted=deleted, remaining_concluded=_count(conn, True),
                                   active_rows=_count(conn, False))

@@ -387,8 +387,8 @@ def prune_served(retention_days: float | None, max_rows_per_model: int | None,
     deleted = 0
     if retention_days is not None:
         cutoff = _ms((now or datetime.now(timezone.utc)) - timedelta(days=retention_days))
-        deleted += _delete_chunked(engine, lambda n: sa.select(t.id).where(t.served_ms < cutoff)
-                                   .limit(n))
+        deleted += delete_in_chunks(engine, served_table,
+                                    lambda n: sa.select(t.id).where(t.served_ms < cutoff).limit(n))
     if max_rows_per_model is not None:
         with engine.connect() as conn:
             counts = conn.execute(sa.select(t.model_name, sa.func.count())
@@ -396,16 +396,17 @@ def prune_served(retention_days: float | None, max_rows_per_model: int | None,
         for model_name, count in counts:
             excess = int(count) - max_rows_per_model
             if excess > 0:
-                deleted += _delete_chunked(
-                    engine, lambda n, m=model_name: sa.select(t.id).where(t.model_name == m)
-                    .order_by(t.served_ms, t.id).limit(n), total=excess)
+                deleted += delete_in_chunks(
+                    engine, served_table, lambda n, m=model_name: sa.select(t.id)
+                    .where(t.model_name == m).order_by(t.served_ms, t.id).limit(n), total=excess)
     return deleted
 
 
-def _delete_chunked(engine: Engine, ids: Any, total: int | None = None) -> int:
-    """Delete the rows `ids(n)` selects (at most n ids), chunk by chunk, until none is left or
-    `total` are gone."""
-    writer = engine.execution_options(ab_write=True)  # BEGIN IMMEDIATE on SQLite
+def delete_in_chunks(engine: Engine, table: sa.Table, ids: Any, total: int | None = None) -> int:
+    """Delete the rows of `table` whose `id` `ids(n)` selects (at most n ids a call), one write
+    transaction per DELETE_CHUNK rows, until none is left or `total` are gone. Returns the rows
+    deleted. Short transactions: a service writing beside it waits for one chunk at most."""
+    writer = engine.execution_options(ab_write=True)  # BEGIN IMMEDIATE on SQLite (tasks/ab.py)
     deleted = 0
     while total is None or deleted < total:
         n = DELETE_CHUNK if total is None else min(DELETE_CHUNK, total - deleted)
@@ -413,8 +414,7 @@ def _delete_chunked(engine: Engine, ids: Any, total: int | None = None) -> int:
             chosen = conn.execute(ids(n)).scalars().all()
             if not chosen:
                 break
-            deleted += conn.execute(sa.delete(served_table)
-                                    .where(served_table.c.id.in_(chosen))).rowcount
+            deleted += conn.execute(sa.delete(table).where(table.c.id.in_(chosen))).rowcount
         if len(chosen) < n:
             break
     return deleted

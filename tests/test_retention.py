@@ -91,7 +91,8 @@ def test_an_unknown_policy_is_refused_before_anything_is_deleted(stores):
     assert store.row_counts() == before and served_counts() == {"churn": 2, "other": 2}
 
 
-def test_row_limit_keeps_the_newest_rows_of_concluded_tests(stores):
+def test_row_limit_keeps_the_newest_rows_of_concluded_tests(stores, monkeypatch):
+    monkeypatch.setattr("tasks.served_traffic.DELETE_CHUNK", 2)  # several chunks per limit
     store, done, active = stores
     result = prune_predictions(store, retention_days=None, max_rows=1)
     assert (result.deleted, result.remaining_concluded, result.active_rows) == (3, 1, 4)
@@ -101,8 +102,10 @@ def test_row_limit_keeps_the_newest_rows_of_concluded_tests(stores):
     assert nothing.deleted == 1 and prediction_ages(store, active) == [1, 10, 120, 200]
 
 
-def test_served_row_limit_is_per_model(stores):
+def test_served_row_limit_is_per_model(stores, monkeypatch):
     from tasks.served_traffic import prune_served
+
+    monkeypatch.setattr("tasks.served_traffic.DELETE_CHUNK", 1)
 
     assert prune_served(retention_days=None, max_rows_per_model=1) == 2
     assert served_counts() == {"churn": 1, "other": 1}
