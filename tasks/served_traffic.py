@@ -104,7 +104,7 @@ class ServedTrafficSampler:
     may reuse it). The JSON encoding and the database write happen in the writer thread, every
     ``flush_seconds`` or as soon as ``flush_rows`` rows are waiting. At most ``max_buffer_rows``
     wait in memory: beyond that, rows are dropped and counted in ``dropped`` (the database is
-    slower than the traffic; the log says so once per flush).
+    slower than the traffic; the writer logs a warning with the count after its next write).
 
     Args:
         sample_rate: Share of served rows kept, in [0, 1] (0 keeps nothing, no thread starts).
@@ -130,6 +130,7 @@ class ServedTrafficSampler:
         self.max_buffer_rows = int(max_buffer_rows)
         self.written = 0   # rows written to the database
         self.dropped = 0   # sampled rows dropped because the buffer was full
+        self._dropped_reported = 0
         self.last_error: BaseException | None = None
         self._random = random.Random(seed).random
         self._rng = np.random.default_rng(seed)
@@ -242,6 +243,11 @@ class ServedTrafficSampler:
             try:
                 self.flush()
                 self.last_error = None
+                if self.dropped > self._dropped_reported:
+                    log.warning("served traffic: %d sampled rows dropped since the last write "
+                                "(more than max_buffer_rows=%d waited for the database)",
+                                self.dropped - self._dropped_reported, self.max_buffer_rows)
+                    self._dropped_reported = self.dropped
             except Exception as exc:  # the service keeps answering; say why rows wait
                 self.last_error = exc
                 log.error("served traffic: cannot write %d sampled rows to %s (%s); retrying in "

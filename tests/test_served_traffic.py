@@ -84,8 +84,8 @@ def test_sample_rate_keeps_that_share_of_rows(state_dir):
     assert served_counts()["churn"] == kept
 
 
-def test_full_buffer_drops_and_counts_instead_of_blocking(state_dir):
-    sampler = ServedTrafficSampler(1.0, flush_rows=10, flush_seconds=60, max_buffer_rows=50)
+def test_full_buffer_drops_and_counts_instead_of_blocking(state_dir, caplog):
+    sampler = ServedTrafficSampler(1.0, flush_rows=10, flush_seconds=0.05, max_buffer_rows=50)
     sampler._write_lock.acquire()  # the writer is stuck (a slow database)
     try:
         for k in range(8):
@@ -93,8 +93,12 @@ def test_full_buffer_drops_and_counts_instead_of_blocking(state_dir):
         assert sampler.pending == 50 and sampler.dropped == 30
     finally:
         sampler._write_lock.release()
+    deadline = time.monotonic() + 10
+    while "30 sampled rows dropped" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
     sampler.close()
     assert served_counts() == {"churn": 50}
+    assert "30 sampled rows dropped since the last write" in caplog.text
 
 
 def test_offer_is_cheap_on_the_request_path(state_dir):
@@ -238,3 +242,33 @@ def test_the_service_sampler_follows_the_monitoring_policy(state_dir):
     with sampler_from_policy(MonitoringPolicy(served_sample_rate=0.0)) as off:
         off.offer("churn", 1, rows(50))
         assert off.pending == 0 and off._thread is None
+
+
+def test_a_failed_write_keeps_the_rows_for_the_next_one(state_dir):
+    """The table disappears under the writer (a database problem): flush raises the database's
+    error, the rows stay buffered, and the next write after the repair stores them once."""
+    from sqlalchemy.exc import OperationalError
+
+    from tasks.served_traffic import metadata
+
+    sampler = ServedTrafficSampler(1.0, flush_rows=1000, flush_seconds=60)
+    engine = served_engine()
+    served_table.drop(engine)
+    sampler.offer("churn", 1, rows(7))
+    with pytest.raises(OperationalError, match="served_rows"):
+        sampler.flush()
+    assert sampler.pending == 7 and sampler.written == 0
+    metadata.create_all(engine)
+    sampler.close()
+    assert served_counts() == {"churn": 7} and sampler.written == 7
+
+
+def test_an_unreachable_store_is_refused_at_start(state_dir):
+    from tasks.ab import StoreError
+
+    try:
+        from conftest import free_port
+    except ImportError:  # pragma: no cover - with tests/__init__.py
+        from tests.conftest import free_port
+    with pytest.raises(StoreError, match="cannot open the A/B store"):
+        ServedTrafficSampler(0.5, url=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
