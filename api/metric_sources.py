@@ -3,10 +3,11 @@
 ``mlflow_collectors()`` returns collectors to register on the registry /metrics exposes (with
 prometheus-client's multiprocess mode, the ``CollectorRegistry`` that holds the
 ``MultiProcessCollector``). Every scrape reads a cached snapshot (tasks/metric_sources.py reads
-it from MLflow); once it is older than the TTL (the monitoring policy's ``metrics_cache_seconds``)
-the scrape that notices starts one refresh in a background thread and still answers with the
-cached figures at once, so a scrape never waits for MLflow after the first one. A new drift check
-therefore shows within TTL + one refresh.
+it from MLflow) and never waits for MLflow: the first read starts when the collectors are built,
+in a background thread; once the snapshot is older than the TTL (the monitoring policy's
+``metrics_cache_seconds``) the scrape that notices starts one refresh in the background and
+answers with the cached figures at once. A new drift check therefore shows within TTL + one
+refresh.
 
 Families (the names of docs/python-api.md and the README's metrics table):
 
@@ -16,7 +17,7 @@ Families (the names of docs/python-api.md and the README's metrics table):
 * ``model_score{model_name,version,metric}`` -- gauge, regressors: the primary metric of that run;
 * ``retraining_runs_total{model_name,decision}`` -- counter: retraining runs in MLflow's history;
 * ``mlops_metrics_source_up`` (1 when the last read of MLflow succeeded, else 0: the figures
-  shown are then the last good ones) and ``mlops_metrics_source_age_seconds`` (age of the
+  shown are then the last good ones; absent until the first read has finished) and ``mlops_metrics_source_age_seconds`` (age of the
   figures shown) -- so a broken MLflow is visible rather than silently stale.
 """
 from __future__ import annotations
@@ -35,20 +36,20 @@ log = logging.getLogger(__name__)
 
 
 class SnapshotCache:
-    """The newest snapshot and when it was read; refreshed by one background thread at a time."""
+    """The newest snapshot and when it was read; refreshed by one background thread at a time.
+    Nothing here waits for MLflow in the caller's thread: /metrics is served from the event loop
+    of a service worker, and an MLflow that hangs must not stall the worker's requests."""
 
     def __init__(self, ttl_s: float, reader: Callable[[], MonitoringSnapshot]) -> None:
         self.ttl_s = float(ttl_s)
         self.reader = reader
         self.snapshot: MonitoringSnapshot | None = None
         self.read_monotonic: float | None = None
-        self.up = False
+        self.up: bool | None = None  # None until the first read has finished
         self.last_error: str | None = None
         self.refreshes = 0
         self._lock = threading.Lock()
         self._refreshing: threading.Thread | None = None
-        self._first = threading.Lock()
-        self._tried = False
 
     def refresh(self) -> None:
         """Read MLflow now (in the caller's thread). Errors are logged and kept in `last_error`;
@@ -67,22 +68,19 @@ class SnapshotCache:
             self.up, self.last_error = True, None
             self.refreshes += 1
 
+    def start_refresh(self) -> None:
+        """Start a background refresh unless one is running."""
+        with self._lock:
+            if self._refreshing is None or not self._refreshing.is_alive():
+                self._refreshing = threading.Thread(target=self.refresh, daemon=True,
+                                                    name="metrics-mlflow-refresh")
+                self._refreshing.start()
+
     def current(self) -> MonitoringSnapshot | None:
-        """The cached snapshot. The first call reads MLflow (concurrent first scrapes wait for
-        that one read); later, a snapshot older than the TTL starts one background refresh and
-        the stale figures are answered at once."""
-        if not self._tried:
-            with self._first:
-                if not self._tried:
-                    self.refresh()
-                    self._tried = True
-            return self.snapshot
+        """The cached snapshot, answered at once (None before the first read has finished). A
+        snapshot older than the TTL, or none, starts one background refresh."""
         if self.age() >= self.ttl_s:
-            with self._lock:
-                if self._refreshing is None or not self._refreshing.is_alive():
-                    self._refreshing = threading.Thread(target=self.refresh, daemon=True,
-                                                        name="metrics-mlflow-refresh")
-                    self._refreshing.start()
+            self.start_refresh()
         return self.snapshot
 
     def age(self) -> float:
@@ -144,7 +142,8 @@ class MLflowFiguresCollector(Collector):
                     families["score"].add_metric([*labels, m.score_metric], m.score)
             for (model_name, decision), n in sorted(snapshot.retraining_runs.items()):
                 families["retraining"].add_metric([model_name, decision], n)
-        families["up"].add_metric([], 1.0 if self.cache.up else 0.0)
+        if self.cache.up is not None:  # absent until the first read has finished
+            families["up"].add_metric([], 1.0 if self.cache.up else 0.0)
         age = self.cache.age()
         if age != float("inf"):
             families["age"].add_metric([], age)
@@ -152,10 +151,13 @@ class MLflowFiguresCollector(Collector):
 
 
 def mlflow_collectors(ttl_s: float | None = None,
-                      reader: Callable[[], MonitoringSnapshot] | None = None) -> list[Collector]:
+                      reader: Callable[[], MonitoringSnapshot] | None = None,
+                      prefetch: bool = True) -> list[Collector]:
     """Collectors of the MLflow-sourced families, sharing one cache of `ttl_s` seconds (None:
     the monitoring policy's ``metrics_cache_seconds``). `reader` reads a snapshot (default:
     :func:`tasks.metric_sources.read_monitoring_snapshot` on the MLflow configuration in force).
+    `prefetch` starts the first read now, in the background, so the figures are there by the
+    first scrape (a scrape before that read has finished answers without them).
 
     Wiring: call it once per service worker (at start-up; the cache lives in the collectors),
     and register the same collectors on the registry each scrape builds::
@@ -176,4 +178,7 @@ def mlflow_collectors(ttl_s: float | None = None,
         from blocks.monitoring import resolve_monitoring_policy
 
         ttl_s = resolve_monitoring_policy().metrics_cache_seconds
-    return [MLflowFiguresCollector(SnapshotCache(ttl_s, reader or read_monitoring_snapshot))]
+    cache = SnapshotCache(ttl_s, reader or read_monitoring_snapshot)
+    if prefetch:
+        cache.start_refresh()
+    return [MLflowFiguresCollector(cache)]

@@ -64,8 +64,12 @@ def loop(tmp_path_factory):
         patch.undo()
 
 
-def scrape(collectors) -> dict[tuple[str, tuple], float]:
-    """(sample name, sorted labels) -> value, from the text exposition."""
+def scrape(collectors, wait: bool = True) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value, from the text exposition; `wait` first lets a
+    background read of MLflow in progress finish."""
+    if wait:
+        for c in collectors:
+            c.cache.wait_idle()
     registry = CollectorRegistry()
     for c in collectors:
         registry.register(c)
@@ -134,23 +138,42 @@ def test_gauges_and_counter_equal_what_the_flows_recorded(loop):
 
 
 def test_a_new_check_shows_after_the_cache_ttl(loop):
-    ttl = 1.0
-    collectors = mlflow_collectors(ttl_s=ttl)
-    cache = collectors[0].cache
+    ttl = 8.0  # longer than one check_drift here (1-3 s), so the next check lands inside it
     first = check_drift(CLS, str(loop.evaluation))
+    collectors = mlflow_collectors(ttl_s=ttl)  # the first read starts now, in the background
+    cache = collectors[0].cache
     key = ("model_drift_score", (("model_name", CLS), ("version", str(first.version))))
     assert scrape(collectors)[key] == pytest.approx(first.score)
 
     later = check_drift(CLS, str(loop.drifted))
     assert later.score != pytest.approx(first.score)
-    assert scrape(collectors)[key] == pytest.approx(first.score)  # cached: MLflow not read
-    time.sleep(ttl)
-    started = time.monotonic()
-    scrape(collectors)                      # stale: starts a refresh, answers at once
-    answered = time.monotonic() - started
-    cache.wait_idle()
+    assert cache.age() < ttl, "check_drift took longer than the TTL: the test proves nothing"
+    assert scrape(collectors, wait=False)[key] == pytest.approx(first.score)  # cached
+    time.sleep(max(0.0, ttl - cache.age()) + 0.05)
+    stale = scrape(collectors, wait=False)  # stale: starts a refresh, answers the cached figure
+    assert stale[key] == pytest.approx(first.score)
     assert scrape(collectors)[key] == pytest.approx(later.score)
-    assert answered < 0.5
+    assert cache.refreshes == 2
+
+
+def test_a_scrape_never_waits_for_mlflow(loop):
+    """A slow MLflow (a reader taking 2 s) delays the figures, never the scrape: the first
+    scrape answers at once without them, the next ones once the read is done."""
+    def slow():
+        time.sleep(2)
+        return read_monitoring_snapshot()
+
+    collectors = mlflow_collectors(ttl_s=60, reader=slow)
+    started = time.monotonic()
+    first = scrape(collectors, wait=False)
+    assert time.monotonic() - started < 1.0
+    assert not any(k[0].startswith(("model_", "retraining_", "mlops_")) for k in first)
+    values = scrape(collectors)
+    assert values[("mlops_metrics_source_up", ())] == 1.0 and collectors[0].cache.refreshes == 1
+    direct = read_monitoring_snapshot()
+    assert {k[1] for k in values if k[0] == "model_accuracy"} == {
+        (("model_name", m.model_name), ("version", str(m.version)))
+        for m in direct.models if m.accuracy is not None} != set()
 
 
 def test_unreachable_mlflow_keeps_the_last_figures_and_says_so(loop, monkeypatch):
@@ -165,8 +188,8 @@ def test_unreachable_mlflow_keeps_the_last_figures_and_says_so(loop, monkeypatch
 
     clients[0] = dead  # MLflow goes away
     time.sleep(0.02)
-    scrape(collectors)
-    cache.wait_idle()
+    scrape(collectors)  # starts a refresh, which fails
+    time.sleep(0.02)
     after = scrape(collectors)  # the scrape still answers: old figures, up = 0
     assert after[("mlops_metrics_source_up", ())] == 0.0
     assert "ConnectionError" in cache.last_error or "Max retries" in cache.last_error
