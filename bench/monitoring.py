@@ -13,7 +13,8 @@ the ratios compare figures measured under the same machine load:
      in-process prometheus-client Gauges and a Counter.
 2. The served-traffic sampler (tasks/served_traffic.py):
    * `offer` of one row at a 10 % rate (the request path, writer idle), against a bare no-op
-     method call;
+     method call; the same row as a `{column: [values]}` dict, against building a DataFrame of
+     it first (what a route would otherwise do on every request);
    * `offer` of a 100-row batch at 10 %;
    * writing sampled rows (`flush`) to SQLite per row, against `ABStore.log_predictions` (the A/B
      prediction log's batched write in the same database) per row;
@@ -116,6 +117,7 @@ def bench_metrics(models: int, checks: int, folder: Path) -> list[tuple[str, flo
 
 def bench_sampler(rows: int, folder: Path) -> list[tuple[str, float, str, float]]:
     import numpy as np
+    import pandas as pd
 
     from tasks.ab import ABStore
     from tasks.demo_data import churn_frame
@@ -145,6 +147,14 @@ def bench_sampler(rows: int, folder: Path) -> list[tuple[str, float, str, float]
 
     offer_bare = per_call(bare, one)
     offer_one = per_call(sampler, one)
+    columns = {c: one[c].tolist() for c in one.columns}  # what the service holds after checking
+    offer_columns = per_call(sampler, columns)
+
+    class BuildFrame:  # a DataFrame built on the request path for every answered request
+        def offer(self, model_name, version, rows):
+            sampler.offer(model_name, version, pd.DataFrame(rows))
+
+    offer_built = per_call(BuildFrame(), columns, n=2000)
     offer_batch = per_call(sampler, hundred, n=2000)
     sampler.close()
 
@@ -182,6 +192,9 @@ def bench_sampler(rows: int, folder: Path) -> list[tuple[str, float, str, float]
         ("offer 1 row at 10 % (request path)", offer_one, "vs bare method call",
          offer_one / offer_bare),
         ("reference: bare method call", offer_bare, "", 0.0),
+        ("offer 1 row as {column: [values]} at 10 %", offer_columns, "vs DataFrame built first",
+         offer_columns / offer_built),
+        ("reference: pd.DataFrame(columns) then offer", offer_built, "", 0.0),
         ("offer a 100-row batch at 10 %", offer_batch, "vs 1 row", offer_batch / offer_one),
         (f"write sampled rows (flush {rows:,}), per row", write_row,
          "vs A/B log_predictions per row", write_row / log_row),

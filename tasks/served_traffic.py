@@ -28,7 +28,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -92,16 +92,26 @@ class _Pending:
     model_name: str
     version: int
     served_ms: int
-    rows: pd.DataFrame
+    rows: pd.DataFrame | Mapping[str, Sequence[Any]]
     positions: np.ndarray | None  # rows to keep; None: all of them
+
+
+def _size(item: _Pending) -> int:
+    """Rows of a buffered offer that were kept."""
+    if item.positions is not None:
+        return len(item.positions)
+    if isinstance(item.rows, pd.DataFrame):
+        return len(item.rows)
+    return len(next(iter(item.rows.values()))) if item.rows else 0
 
 
 class ServedTrafficSampler:
     """Keep a random share of served rows, written in batches from a background thread.
 
     ``offer`` costs a random draw for a single row (and an append when it is kept); batches draw
-    one number per row and keep a reference to the frame (pandas copies on write, so the caller
-    may reuse it). The JSON encoding and the database write happen in the writer thread, every
+    one number per row and keep a reference to the rows (a DataFrame: pandas copies on write, so
+    the caller may reuse it; a ``{column: [values]}`` dict: the caller must not change its lists
+    afterwards). The JSON encoding and the database write happen in the writer thread, every
     ``flush_seconds`` or as soon as ``flush_rows`` rows are waiting. At most ``max_buffer_rows``
     wait in memory: beyond that, rows are dropped and counted in ``dropped`` (the database is
     slower than the traffic; the writer logs a warning with the count after its next write).
@@ -148,13 +158,19 @@ class ServedTrafficSampler:
             self._thread.start()
 
     # ---------------------------------------------------------------- request path
-    def offer(self, model_name: str, version: int, rows: pd.DataFrame) -> None:
-        """Maybe keep some of `rows` (the features a version just answered). Never blocks on
-        the database."""
+    def offer(self, model_name: str, version: int,
+              rows: pd.DataFrame | Mapping[str, Sequence[Any]]) -> None:
+        """Maybe keep some of `rows` (the features a version just answered): a DataFrame, or the
+        columns as ``{column: [values]}`` -- what the service holds after checking a request;
+        pass that rather than building a DataFrame on the request path (the writer thread builds
+        it only for the rows kept). Never blocks on the database."""
         rate = self.sample_rate
         if rate <= 0.0 or self._closed:
             return
-        n = len(rows)
+        if isinstance(rows, pd.DataFrame):
+            n = len(rows)
+        else:
+            n = len(next(iter(rows.values()))) if rows else 0
         if n == 1:
             if rate < 1.0 and self._random() >= rate:
                 return
@@ -197,7 +213,8 @@ class ServedTrafficSampler:
     def _records(items: list[_Pending]) -> list[dict[str, Any]]:
         out = []
         for item in items:
-            frame = item.rows if item.positions is None else item.rows.iloc[item.positions]
+            frame = item.rows if isinstance(item.rows, pd.DataFrame) else pd.DataFrame(item.rows)
+            frame = frame if item.positions is None else frame.iloc[item.positions]
             # one C-level JSON encoding per batch; NaN becomes null, timestamps ISO strings
             lines = frame.to_json(orient="records", lines=True, date_format="iso").splitlines()
             out.extend({"model_name": item.model_name, "version": item.version,
@@ -221,15 +238,14 @@ class ServedTrafficSampler:
                     room = self.max_buffer_rows - self._buffered
                     keep = []
                     for item in items:
-                        size = len(item.rows) if item.positions is None else len(item.positions)
+                        size = _size(item)
                         if size <= room:
                             keep.append(item)
                             room -= size
                         else:
                             self.dropped += size
                     self._buffer.extendleft(reversed(keep))
-                    self._buffered += sum(len(i.rows) if i.positions is None
-                                          else len(i.positions) for i in keep)
+                    self._buffered += sum(_size(i) for i in keep)
                 raise
             self.written += len(records)
             return len(records)

@@ -51,6 +51,27 @@ def test_every_row_offered_at_rate_1_is_read_back_after_close(state_dir):
     assert served_counts() == {"churn": 80, "other": 5}
 
 
+def test_column_dicts_are_kept_like_frames(state_dir):
+    """The service holds checked columns as {column: [values]}: offered as such, the kept rows read
+    back as the same rows; sampled batches keep only the drawn rows."""
+    sent = rows(40)
+    columns = {c: sent[c].tolist() for c in sent.columns}
+    with ServedTrafficSampler(1.0) as sampler:
+        sampler.offer("churn", 2, columns)
+        sampler.offer("churn", 2, {c: v[:1] for c, v in columns.items()})
+        sampler.offer("churn", 2, {})
+    back = load_served("churn", datetime.now(timezone.utc) - timedelta(minutes=5))
+    expected = pd.concat([sent, sent.iloc[:1]], ignore_index=True)
+    pd.testing.assert_frame_equal(back[expected.columns], expected, check_dtype=False)
+
+    with ServedTrafficSampler(0.5, seed=1) as sampler:
+        sampler.offer("half", 2, columns)
+    kept = load_served("half", datetime.now(timezone.utc) - timedelta(minutes=5))
+    assert 5 < len(kept) < 35
+    merged = kept.merge(sent, how="left", indicator=True)  # every kept row is one of those sent
+    assert (merged["_merge"] == "both").all()
+
+
 def test_background_writer_flushes_without_a_call(state_dir):
     with ServedTrafficSampler(1.0, flush_rows=20, flush_seconds=0.2) as sampler:
         sampler.offer("churn", 1, rows(25))  # above flush_rows: wakes the writer at once
