@@ -74,6 +74,14 @@ class ABPolicy(Block):
     sequential_tuning: float = Field(
         default=DEFAULT_SEQUENTIAL_TUNING, gt=0,
         description="N* of the always-valid test: total outcomes at which it is most sensitive.")
+    prediction_log_retention_days: float | None = Field(
+        default=90.0, gt=0,
+        description="prune_prediction_log deletes logged predictions of concluded tests older "
+                    "than this (a running test's rows are never deleted); empty: no age limit.")
+    prediction_log_max_rows: int | None = Field(
+        default=None, ge=0,
+        description="prune_prediction_log keeps at most this many logged predictions of "
+                    "concluded tests (the newest); empty: no row limit.")
 
     @field_validator("database_url", mode="before")
     @classmethod

@@ -62,6 +62,24 @@ class MonitoringPolicy(Block):
         default=0.1, ge=0.0,
         description="Also degraded when the version's primary metric is worse than its holdout "
                     "value by more than this share (0.1 = 10 %).")
+    # --- served traffic and /metrics ---------------------------------------------------------
+    served_sample_rate: float = Field(
+        default=0.1, ge=0.0, le=1.0,
+        description="Share of the rows the REST service answers whose features are kept for "
+                    "drift checks on served traffic (data reference served:<model>:<window>); "
+                    "0 keeps none.")
+    served_retention_days: float | None = Field(
+        default=30.0, gt=0,
+        description="prune_prediction_log deletes sampled served rows older than this; empty: "
+                    "no age limit.")
+    served_max_rows: int | None = Field(
+        default=1_000_000, ge=1,
+        description="prune_prediction_log keeps at most this many sampled served rows per model "
+                    "(the newest); empty: no row limit.")
+    metrics_cache_seconds: float = Field(
+        default=30.0, gt=0,
+        description="How long /metrics serves the drift, accuracy and retraining figures it read "
+                    "from MLflow before reading them again.")
     # --- alerts ------------------------------------------------------------------------------
     alerting: bool = Field(default=True, description="Send alerts at all.")
     channels: list[Channel] = Field(default_factory=lambda: ["log"],

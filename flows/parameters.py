@@ -1,7 +1,8 @@
 """Data parameters of flows: a reference string for deployments, a DataFrame for Python callers.
 
 Every flow that takes a dataset types that parameter `DataRef` (`str | DataFrame`): the Prefect UI
-and `prefect deployment run --param` see a string (a path or an `s3://` URI), a Python caller may
+and `prefect deployment run --param` see a string (a path, an `s3://` URI or a
+`served:<model>:<window>` reference to served traffic, tasks/served_traffic.py), a Python caller may
 pass a DataFrame of any size. Prefect records each flow run's parameters in its API; it encodes a
 DataFrame value by value (a float-only frame becomes a dict of every cell, other frames a bare
 "<DataFrame>"), and the server refuses parameters over 512 KiB ("Flow run parameters must be less

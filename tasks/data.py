@@ -1,8 +1,9 @@
 """Loading datasets by reference and checking them before anything is trained or registered.
 
 Plain functions (no Prefect import at module level): a dataset is a csv/parquet path, an
-`s3://bucket/key` URI read through a saved prefect-aws `S3Bucket` block for that bucket, or a
-DataFrame handed over by a Python caller.
+`s3://bucket/key` URI read through a saved prefect-aws `S3Bucket` block for that bucket, a
+`served:<model>:<window>` reference to the rows the REST service answered in the last window
+(`served:churn:24h`; tasks/served_traffic.py), or a DataFrame handed over by a Python caller.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from pydantic.json_schema import SkipJsonSchema
 from tasks.errors import DataError
 
 Task = Literal["binary", "multiclass", "regression"]
-# A flow parameter naming a dataset: the Prefect UI and `--param` see a string (path or URI);
-# Python callers may also pass a DataFrame.
+# A flow parameter naming a dataset: the Prefect UI and `--param` see a string (path, URI or
+# served:<model>:<window>); Python callers may also pass a DataFrame.
 DataRef = str | SkipJsonSchema[pd.DataFrame]
 READABLE = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 # Below this many rows per fold (or per class and fold) cross-validation is meaningless.
@@ -152,7 +153,11 @@ def load_table(data: str | Path | pd.DataFrame) -> LoadedData:
         frame, ref = data.copy(deep=False), None
     elif isinstance(data, (str, Path)):
         ref = str(data)
-        if ref.startswith("s3://"):
+        if ref.startswith("served:"):  # rows the REST service answered (tasks/served_traffic.py)
+            from tasks.served_traffic import load_served_ref
+
+            frame = load_served_ref(ref)
+        elif ref.startswith("s3://"):
             frame = _parse(_read_s3(ref), Path(ref).suffix, ref)
         else:
             path = Path(ref).expanduser()
@@ -161,7 +166,8 @@ def load_table(data: str | Path | pd.DataFrame) -> LoadedData:
                                 "csv/parquet path, an s3:// URI, or a DataFrame")
             frame = _parse(path, path.suffix, ref)
     else:
-        raise DataError(f"data must be a path, an s3:// URI or a DataFrame, not {type(data).__name__}")
+        raise DataError(f"data must be a path, an s3:// URI, a served:<model>:<window> reference or "
+                        f"a DataFrame, not {type(data).__name__}")
     return LoadedData(frame=frame, ref=ref)
 
 
