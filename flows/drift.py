@@ -46,7 +46,9 @@ def check_drift(model_name: str, data: DataRef, version: int | str = "champion",
     Args:
         model_name: Registered model to check.
         data: Recent inputs: a csv/parquet path, a folder (its newest file), an s3://bucket/key
-            URI or an s3://bucket/prefix/ (its newest object); a DataFrame from Python.
+            URI, an s3://bucket/prefix/ (its newest object), or served:<model>:<window> (the
+            rows the API served in the last window, e.g. served:customer_churn:24h); a
+            DataFrame from Python.
         version: A version number or an alias (champion, challenger, Production, Staging).
         policy: Name of a saved MonitoringPolicy block document (thresholds, alert channels);
             empty: the one named "default", else the built-in defaults.
