@@ -12,10 +12,9 @@ import os
 
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
-
     from api.logs import uvicorn_log_config
     from api.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+    from api.server import serve
     from blocks.api_settings import resolve_api_settings
     from blocks.mlflow_config import state_dir
 
@@ -30,10 +29,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     settings = resolve_api_settings()
     prepare_multiprocess_dir(os.environ.get(MULTIPROC_ENV) or state_dir() / "api" / "prometheus")
-    uvicorn.run("api.app:create_app", factory=True, host=args.host or settings.host,
-                port=args.port or settings.port, log_config=uvicorn_log_config(),
-                access_log=False, workers=args.workers,
-                timeout_graceful_shutdown=30)
+    serve("api.app:create_app", factory=True, host=args.host or settings.host,
+          port=args.port or settings.port, log_config=uvicorn_log_config(),
+          access_log=False, workers=args.workers, timeout_graceful_shutdown=30)
 
 
 if __name__ == "__main__":
