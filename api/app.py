@@ -62,6 +62,8 @@ def create_app(settings: APISettings | None = None) -> FastAPI:
     app.include_router(metrics.router)
     app.state.body_fields = _body_fields(app)
     install_error_handlers(app)
+    # innermost: predictions skip FastAPI's routing (CORS and the request context stay around)
+    app.add_middleware(predict.PredictFastLane)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"],

@@ -15,10 +15,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from api.deps import authorize, working_on
-from api.errors import ERROR_RESPONSES, error_response
+from api.errors import ERROR_RESPONSES, APIError, error_response
 from tasks.registry import validate_model_name
-from tasks.serving import (MLFLOW, InputError, RowLimitError, answer_rows, check_ids, check_rows,
-                           columns_for)
+from tasks.serving import (MLFLOW, InputError, RowLimitError, answer_rows, check_ids,
+                           check_rows)
 
 router = APIRouter(tags=["serving"], responses=ERROR_RESPONSES)
 
@@ -58,6 +58,12 @@ def input_error(exc: InputError) -> Response:
 async def predict(name: str, request: Request) -> Response:
     """Predict rows with the model's champion, or with the arm of an active A/B test each id is
     routed to (ids required then); every answered row of a test is logged for it."""
+    return await answer_predict(name, request)
+
+
+async def answer_predict(name: str, request: Request) -> Response:
+    """The answer of the predict route (also called by PredictFastLane without FastAPI's
+    routing and dependency resolution)."""
     authorize(request, "read")
     state = request.app.state
     validate_model_name(name)
@@ -68,7 +74,7 @@ async def predict(name: str, request: Request) -> Response:
             raise InputError("the body must be an object {\"rows\": [...], \"ids\": [...]}")
         route = state.serving.routes.get(name) or await run_in_threadpool(
             state.serving.route, name)
-        numeric, categorical = columns_for(route)
+        numeric, categorical = route.columns
         columns = check_rows(body.get("rows"), numeric, categorical,
                              state.settings.max_predict_rows)
         n = len(body["rows"])
@@ -115,3 +121,34 @@ def _part_columns(columns: dict[str, list], rows) -> dict[str, list]:
     if rows is None:
         return columns
     return {c: [v[i] for i in rows] for c, v in columns.items()}
+
+
+PREDICT_PREFIX = "/api/v1/mlops/models/"
+PREDICT_SUFFIX = "/predict"
+
+
+class PredictFastLane:
+    """Pure ASGI middleware: `POST /api/v1/mlops/models/{name}/predict` straight to
+    `answer_predict`, skipping FastAPI's route matching and dependency resolution (about a
+    third of the time of a single-row prediction, measured with cProfile). The route stays
+    declared for OpenAPI; the answers, errors and headers are the same (RequestContextMiddleware
+    around this one adds the request id and the body limit and shapes raised errors)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            if path.startswith(PREDICT_PREFIX) and path.endswith(PREDICT_SUFFIX):
+                name = path[len(PREDICT_PREFIX):-len(PREDICT_SUFFIX)]
+                if name and "/" not in name:
+                    try:
+                        response = await answer_predict(name, Request(scope, receive))
+                    except APIError as exc:
+                        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+                        response = error_response(exc.status, exc.type, exc.message, exc.field,
+                                                  headers)
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -305,6 +306,11 @@ class Route:
     champion: LoadedVersion
     ab: ABArms | None = None
 
+    @cached_property
+    def columns(self) -> tuple[list[str], list[str]]:
+        """(numeric, categorical) columns every version of the route needs."""
+        return columns_for(self)
+
     def versions(self) -> list[LoadedVersion]:
         found = [self.champion]
         if self.ab is not None:
@@ -524,10 +530,14 @@ def answer_rows(route: Route, columns: dict[str, list], keys: list[str] | None) 
     arm's version answer its rows."""
     if route.ab is None:
         return [_part("champion", route.champion, columns, None)]
-    from tasks.routing import is_challenger
+    from tasks.routing import hash_unit, is_challenger
 
     test = route.ab.test
-    challenger = is_challenger(test.seed, keys, test.traffic_split)
+    if len(keys) <= 8:  # the same hash; numpy's set-up costs more than a few keys
+        split = test.traffic_split
+        challenger = np.array([hash_unit(test.seed, k) < split for k in keys])
+    else:
+        challenger = is_challenger(test.seed, keys, test.traffic_split)
     parts = []
     for arm, loaded, mask in (("champion", route.ab.champion, ~challenger),
                               ("challenger", route.ab.challenger, challenger)):
