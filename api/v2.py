@@ -169,6 +169,9 @@ def v2_rows(body: Any, loaded: LoadedVersion) -> list[dict]:
         if type(tensor) is not dict or not isinstance(tensor.get("name"), str) \
                 or not isinstance(tensor.get("shape"), list) or "data" not in tensor:
             raise InputError(f"inputs[{i}] needs name, shape, datatype and data", f"inputs[{i}]")
+        if not all(type(d) is int and d >= 0 for d in tensor["shape"]):
+            raise InputError(f"inputs[{i}].shape must be a list of non-negative integers, got "
+                             f"{tensor['shape']!r}", f"inputs[{i}].shape")
     columns = loaded.columns
     if len(inputs) == 1 and len(inputs[0]["shape"]) == 2 and \
             inputs[0]["name"] not in columns:
