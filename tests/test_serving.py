@@ -159,6 +159,9 @@ def test_open_inference_protocol(world):
     r = world.client.post(f"/v2/models/{MODEL}/infer", json={"inputs": inputs[1:]},
                           headers=world.auth("read"))
     assert_error(r, 422, field=f"inputs.{names[0]}")
+    odd = {"inputs": [{**inputs[0], "shape": [1, "a"]}]}
+    assert_error(world.client.post(f"/v2/models/{MODEL}/infer", json=odd,
+                                   headers=world.auth("read")), 422, field="inputs[0].shape")
     tensor = {"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [0] * 8}]}
     assert_error(world.client.post(f"/v2/models/{MODEL}/infer", json=tensor,
                                    headers=world.auth("read")), 422, contains="categorical")
