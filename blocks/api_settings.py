@@ -50,7 +50,7 @@ class APISettings(Block):
                     "of the models it serves (an alias move is served within this time plus "
                     "the load of the new version).")
     prediction_log_flush_seconds: float = Field(
-        default=0.5, gt=0, le=60,
+        default=0.2, gt=0, le=60,
         description="How often answered rows of A/B tests are written to the A/B store (in "
                     "one transaction per test); the rest is written on graceful shutdown.")
 

@@ -37,7 +37,7 @@ class _Pending:
 class PredictionLog:
     """Buffered, batched writes of answered rows into the A/B store."""
 
-    def __init__(self, store: ABStore, flush_seconds: float = 0.5, flush_rows: int = 5000,
+    def __init__(self, store: ABStore, flush_seconds: float = 0.2, flush_rows: int = 1000,
                  max_buffered_rows: int = 1_000_000):
         self.store = store
         self.flush_seconds, self.flush_rows = flush_seconds, flush_rows
