@@ -7,12 +7,14 @@ result models as JSON. Everything under /api/v1/mlops needs an API key (`python 
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
-from api import ab_tests, exports, registry, retraining, runs
+from api import ab_tests, exports, metrics, predict, registry, retraining, runs, v2
 from api.auth import KeyCache
 from api.deps import BASE
 from api.errors import RequestContextMiddleware, install_error_handlers
@@ -20,7 +22,8 @@ from api.launch import Launcher
 from api.logs import configure_logging
 from blocks.api_settings import APISettings, resolve_api_settings
 
-ROUTERS = (registry.router, ab_tests.router, exports.router, retraining.router, runs.router)
+ROUTERS = (registry.router, predict.router, ab_tests.router, exports.router, retraining.router,
+           runs.router)
 logger = logging.getLogger("api")
 
 
@@ -39,14 +42,29 @@ def create_app(settings: APISettings | None = None) -> FastAPI:
         description="Model lifecycle over HTTP: registry, A/B tests, exports and retraining. "
                     "Send `Authorization: Bearer <key>` (create a key with "
                     "`python -m api.keys create NAME --scope write`). Long work answers 202 "
-                    "with a flow run to follow at `GET /api/v1/mlops/runs/{flow_run_id}`.")
+                    "with a flow run to follow at `GET /api/v1/mlops/runs/{flow_run_id}`. "
+                    "Online predictions: `POST /api/v1/mlops/models/{name}/predict` and the "
+                    "Open Inference Protocol under /v2; Prometheus metrics at /metrics.",
+        lifespan=_serving_lifespan)
     app.state.settings = settings
+    app.state.metrics = metrics.hot_path_metrics()
+    app.state.serving = None  # set at start-up (_serving_lifespan)
+    app.state.prediction_log = None
+    # called with (model_name, version, {column: [values]}) for every answered part of a
+    # prediction: the served-traffic sampler is added at start-up (_serving_lifespan)
+    app.state.served_observers = []
+    app.state.metric_figures = []  # the MLflow-sourced /metrics collectors, built at start-up
     app.state.keys = KeyCache(settings.keys_path(), ttl=settings.key_cache_seconds)
     app.state.launcher = Launcher()
     for router in ROUTERS:
         app.include_router(router, prefix=BASE)
+    app.include_router(v2.router)
+    app.include_router(v2.health_router)
+    app.include_router(metrics.router)
     app.state.body_fields = _body_fields(app)
     install_error_handlers(app)
+    # innermost: predictions skip FastAPI's routing (CORS and the request context stay around)
+    app.add_middleware(predict.PredictFastLane)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST"],
@@ -55,13 +73,50 @@ def create_app(settings: APISettings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
 
     @app.get("/health", response_model=Health, tags=["health"])
-    def health() -> Health:
+    async def health() -> Health:
         """Liveness: the service answers (no key needed)."""
         return Health()
 
     logger.info("mlops-flows API ready under %s (OpenAPI at /docs), keys in %s", BASE,
                 settings.keys_path())
     return app
+
+
+@asynccontextmanager
+async def _serving_lifespan(app: FastAPI):
+    """Start: the serving cache (champions loaded in the background; /v2/health/ready says when),
+    the prediction log's writer, the served-traffic sampler and the MLflow-sourced /metrics
+    figures (first read in the background). Graceful stop: write every buffered prediction row
+    and every sampled served row."""
+    from api.metric_sources import mlflow_collectors
+    from tasks.ab import open_store
+    from tasks.prediction_log import PredictionLog
+    from tasks.served_traffic import sampler_from_policy
+    from tasks.serving import ServingCache, champion_models, wanted_reader
+
+    settings = app.state.settings
+
+    def build():
+        store = open_store()
+        return (ServingCache(wanted_reader(store.url), poll_seconds=settings.serving_poll_seconds),
+                PredictionLog(store, flush_seconds=settings.prediction_log_flush_seconds),
+                sampler_from_policy(url=store.url), mlflow_collectors())
+
+    serving, log, sampler, figures = await run_in_threadpool(build)
+    app.state.serving, app.state.prediction_log = serving, log
+    app.state.served_observers.append(sampler.offer)
+    app.state.metric_figures = figures
+    log.start()
+    serving.start(champion_models)
+    try:
+        yield
+    finally:
+        serving.stop()
+        written = await run_in_threadpool(log.close)
+        logger.info("stopped: %d buffered prediction rows written (%d in all, %d not logged)",
+                    written, log.logged, log.dropped)
+        app.state.served_observers.remove(sampler.offer)
+        await run_in_threadpool(sampler.close)
 
 
 def _in_a_thread(fn):

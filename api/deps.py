@@ -18,6 +18,29 @@ BASE = "/api/v1/mlops"
 bearer = HTTPBearer(auto_error=False, description="An API key: `python -m api.keys create`")
 
 
+def authorize(request: Request, scope: str, token: str | None = None) -> KeyRecord:
+    """The key of the request's `Authorization: Bearer` header if it grants `scope` (401 without
+    or with a wrong key, 403 without the scope). A plain function: the prediction routes call it
+    without FastAPI's dependency machinery."""
+    if token is None:
+        header = request.headers.get("authorization")
+        if header:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer":
+                token = None
+    if not token:
+        raise APIError(401, "Unauthorized", "no API key: send 'Authorization: Bearer <key>' "
+                       "(create one with `python -m api.keys create NAME`)")
+    record = request.app.state.keys.lookup(token.strip())
+    if record is None:
+        raise APIError(401, "Unauthorized", "the API key is wrong or was revoked")
+    if not grants(record.scopes, scope):
+        raise APIError(403, "Forbidden", f"the key {record.name!r} has scopes "
+                       f"{record.scopes}; this route needs {scope!r}")
+    request.state.key = record
+    return record
+
+
 def require(scope: str) -> Callable[..., KeyRecord]:
     """A dependency admitting keys that grant `scope` (401 without or with a wrong key, 403
     without the scope)."""
@@ -26,16 +49,8 @@ def require(scope: str) -> Callable[..., KeyRecord]:
                     credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
                     ) -> KeyRecord:
         if credentials is None or credentials.scheme.lower() != "bearer":
-            raise APIError(401, "Unauthorized", "no API key: send 'Authorization: Bearer <key>' "
-                           "(create one with `python -m api.keys create NAME`)")
-        record = request.app.state.keys.lookup(credentials.credentials)
-        if record is None:
-            raise APIError(401, "Unauthorized", "the API key is wrong or was revoked")
-        if not grants(record.scopes, scope):
-            raise APIError(403, "Forbidden", f"the key {record.name!r} has scopes "
-                           f"{record.scopes}; this route needs {scope!r}")
-        request.state.key = record
-        return record
+            return authorize(request, scope, "")
+        return authorize(request, scope, credentials.credentials)
 
     check.__name__ = f"require_{scope}"
     return check

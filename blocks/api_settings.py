@@ -40,6 +40,20 @@ class APISettings(Block):
         default=1_048_576, ge=1024,
         description="Largest request body accepted (413 above it).")
 
+    max_predict_rows: int = Field(
+        default=1000, ge=1, le=100_000,
+        description="Most rows in one prediction request (413 above it; score files with "
+                    "score_batch).")
+    serving_poll_seconds: float = Field(
+        default=1.0, gt=0, le=5,
+        description="How often each worker re-reads the champion aliases and active A/B tests "
+                    "of the models it serves (an alias move is served within this time plus "
+                    "the load of the new version).")
+    prediction_log_flush_seconds: float = Field(
+        default=0.2, gt=0, le=60,
+        description="How often answered rows of A/B tests are written to the A/B store (in "
+                    "one transaction per test); the rest is written on graceful shutdown.")
+
     def keys_path(self) -> Path:
         if self.keys_file:
             return Path(self.keys_file).expanduser()

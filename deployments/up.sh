@@ -23,6 +23,7 @@
 #   MLOPS_PREFECT_PROFILE [mlops]     '' leaves your Prefect profiles alone (then export the
 #                                     PREFECT_API_URL printed at the end)
 #   MLFLOW_WORKERS [1]  PREFECT_WORKER_QUERY_SECONDS [1]  MLOPS_START_TIMEOUT [180]
+#   MLOPS_API_WORKERS [2]             uvicorn workers of the REST API (/metrics sums them all)
 #   MLOPS_LOG_LEVEL [INFO]            log level of the servers, the worker and the flow runs
 #   MLOPS_LOG_FORMAT [json]           json: the worker, its flow runs and the API log JSON lines
 #   MLOPS_PYTHON [.venv/bin/python]   the interpreter with the project's requirements
@@ -234,7 +235,8 @@ if [ ! -s "$API_KEY_FILE" ]; then
   say "admin API key created: $API_KEY_FILE (mode 600)"
 fi
 MLOPS_LOG_FORMAT="$LOG_FORMAT" MLOPS_LOG_LEVEL="$LOG_LEVEL" \
-  start_service api "$API_PORT" "$PY" -m api --host "$HOST" --port "$API_PORT"
+  start_service api "$API_PORT" "$PY" -m api --host "$HOST" --port "$API_PORT" \
+    --workers "${MLOPS_API_WORKERS:-2}"
 stack wait-http "$API_URL/health" "$TIMEOUT" "$PIDS/api.pid" "$LOGS/api.log"
 say "REST API answers at $API_URL (OpenAPI: $API_URL/docs)"
 

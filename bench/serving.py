@@ -1,0 +1,288 @@
+"""Online serving throughput: our /predict vs `mlflow models serve` vs a bare FastAPI route.
+
+On a temporary Prefect API (prefect_test_harness) and an embedded MLflow store, the script
+trains two HistGradientBoosting versions of a churn model on an 8-column table, exports both to
+ONNX, opens an A/B test between them, then starts, each with 2 uvicorn workers on a free
+loopback port:
+
+1. our service (`python -m api --workers 2`): `POST /api/v1/mlops/models/{name}/predict` with
+   a distinct id per request (so the A/B test routes and logs every row);
+2. `mlflow models serve -m models:/{name}/1 --workers 2 --env-manager local`:
+   `POST /invocations` with `dataframe_records`;
+3. a bare FastAPI route answering a constant (bench/serving_bare.py): the ceiling for Python
+   HTTP on this machine.
+
+Load: `wrk` (Debian package `wrk`), 8 connections, `--duration` seconds per measurement; single
+rows, then 100-row batches. The targets are measured in turn, `--rounds` times (interleaved, the
+machine is shared and noisy); the table shows medians. After the last round our service is
+stopped with SIGTERM and the rows logged to the A/B store are compared with the rows it
+answered (its `model_predictions_total`, read from /metrics just before).
+
+`mlflow models serve` runs uvicorn's own multi-worker mode, whose connections keep Nagle's
+algorithm on (api/server.py explains; about 40 ms per answer); ours and the bare route run with
+api/server.py, which turns it off. That is part of the gap, and it is what users of each get.
+
+Goal: our single-row req/s >= 10x mlflow serve's, p99 <= 10 ms, 0 errors, rows logged = rows
+answered.
+
+    .venv/bin/python bench/serving.py [--duration 10] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
+os.environ.setdefault("MLOPS_LOG_LEVEL", "WARNING")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "bench_serving"
+FEATURES = ["tenure", "monthly_charges", "total_charges", "contract", "internet_service",
+            "payment_method", "senior_citizen", "paperless_billing"]
+CONNECTIONS = 8
+BATCH = 100
+
+# wrk script: one body per request; `{ID}` in the body becomes a counter unique per request
+# (per wrk thread: the thread id prefixes it). done() prints the totals as JSON.
+LUA = r"""
+local counter = 0
+local prefix = ""
+local body = [==[%BODY%]==]
+function setup(thread) thread:set("prefix", "t" .. tostring(math.random(1, 1e9)) .. "-") end
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+%HEADERS%
+request = function()
+  counter = counter + 1
+  local b = body:gsub("{ID}", function() counter = counter + 1; return prefix .. counter end)
+  return wrk.format(nil, nil, nil, b)
+end
+done = function(summary, latency, requests)
+  io.write(string.format('\nRESULT {"requests": %d, "non2xx": %d, "connect": %d, "read": %d, ' ..
+    '"write": %d, "timeout": %d, "p50": %d, "p99": %d, "seconds": %f}\n',
+    summary.requests, summary.errors.status, summary.errors.connect, summary.errors.read,
+    summary.errors.write, summary.errors.timeout, latency:percentile(50),
+    latency:percentile(99), summary.duration / 1e6))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(rows: int = 2000):
+    """Two HGB versions (both exported to ONNX), an A/B test between them, an API key."""
+    from api.auth import KeyFile
+    from blocks.mlflow_config import resolve_mlflow_config, state_dir
+    from flows.ab_testing import create_ab_test
+    from flows.export import export_model
+    from flows.training import train_model
+    from tasks.demo_data import churn_frame
+
+    resolve_mlflow_config().apply()
+    data = churn_frame().sample(rows, random_state=1)[[*FEATURES, "churn"]]
+    half = rows // 2
+    for part, promote in ((data.iloc[:half], "auto"), (data.iloc[half:], "never")):
+        train_model(part, "churn", MODEL, time_budget_s=8,
+                    candidates=["hist_gradient_boosting"], promote=promote)
+    for version in (1, 2):
+        export_model(MODEL, version, formats=["onnx"])
+    test_id = create_ab_test(MODEL, 1, 2, traffic_split=0.5)
+    key = KeyFile(state_dir() / "api" / "keys.json").create("bench", ["read"])[0]
+    sample = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+              for r in data.drop(columns="churn").iloc[:BATCH].to_dict("records")]
+    return test_id, key, sample
+
+
+def start(cmd: list[str], env: dict, ready_url: str, log: Path, timeout: float = 180,
+          method: str = "GET") -> subprocess.Popen:
+    import httpx
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    streak = 0
+    while streak < 10:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[:4]} exited: {log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{cmd[:4]} not ready in {timeout} s: {log.read_text()[-2000:]}")
+        try:
+            ok = httpx.request(method, ready_url, timeout=5).status_code == 200
+        except httpx.TransportError:
+            ok = False
+        streak = streak + 1 if ok else 0
+        time.sleep(0.05 if ok else 0.5)
+    return proc
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> int:
+    """SIGTERM to the server (uvicorn's supervisor passes it to its workers)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+
+def wrk(url: str, body: str, headers: dict[str, str], seconds: float, workdir: Path) -> dict:
+    script = workdir / f"wrk-{abs(hash((url, body))) % 10**8}.lua"
+    lines = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
+    script.write_text(LUA.replace("%BODY%", body).replace("%HEADERS%", lines))
+    out = subprocess.run(["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{int(seconds)}s", "--timeout", "5s",
+                          "-s", str(script), url], capture_output=True, text=True,
+                         timeout=seconds + 60)
+    match = re.search(r"^RESULT (\{.*\})$", out.stdout, re.M)
+    if match is None:
+        raise RuntimeError(f"wrk said: {out.stdout[-1500:]} {out.stderr[-1500:]}")
+    r = json.loads(match.group(1))
+    r["errors"] = r["non2xx"] + r["connect"] + r["read"] + r["write"] + r["timeout"]
+    r["rps"] = r["requests"] / r["seconds"]
+    return r
+
+
+def bodies(sample: list[dict], n: int) -> dict[str, str]:
+    rows = sample[:n]
+    return {
+        "ours": json.dumps({"rows": rows, "ids": ["{ID}"] * n}),
+        "mlflow": json.dumps({"dataframe_records": rows}),
+        "bare": json.dumps({"rows": rows}),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (medians)")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk not found: apt-get install -y wrk")
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    os.environ["MLOPS_HOME"] = str(work / "state")
+    procs: list[subprocess.Popen] = []
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            from prefect.settings import PREFECT_API_URL
+
+            print("setting up: 2 HGB versions, ONNX exports, an A/B test ...", flush=True)
+            test_id, key, sample = setup()
+            env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
+                   # mlflow models serve execs `uvicorn` from PATH: the venv's
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+            env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            from blocks.mlflow_config import resolve_mlflow_config
+
+            env["MLFLOW_TRACKING_URI"] = resolve_mlflow_config().tracking_uri
+            ports = {name: free_port() for name in ("ours", "mlflow", "bare")}
+            urls = {
+                "ours": f"http://127.0.0.1:{ports['ours']}/api/v1/mlops/models/{MODEL}/predict",
+                "mlflow": f"http://127.0.0.1:{ports['mlflow']}/invocations",
+                "bare": f"http://127.0.0.1:{ports['bare']}/predict"}
+            headers = {"ours": {"Authorization": f"Bearer {key}"}, "mlflow": {}, "bare": {}}
+            print("starting the three servers (2 workers each) ...", flush=True)
+            ours = start([sys.executable, "-m", "api", "--port", str(ports["ours"]),
+                          "--workers", "2"], env,
+                         f"http://127.0.0.1:{ports['ours']}/v2/health/ready", work / "ours.log")
+            procs.append(ours)
+            procs.append(start([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                                f"models:/{MODEL}/1", "--workers", "2", "--env-manager",
+                                "local", "-p", str(ports["mlflow"])], env,
+                               f"http://127.0.0.1:{ports['mlflow']}/ping", work / "mlflow.log"))
+            procs.append(start([sys.executable, "bench/serving_bare.py", str(ports["bare"])], env,
+                               f"http://127.0.0.1:{ports['bare']}/predict", work / "bare.log",
+                               method="POST"))
+            results: dict[tuple[str, int], list[dict]] = {}
+            for rnd in range(args.rounds):
+                for n in (1, BATCH):
+                    body = bodies(sample, n)
+                    for name in ("ours", "mlflow", "bare"):
+                        r = wrk(urls[name], body[name], headers[name], args.duration, work)
+                        results.setdefault((name, n), []).append(r)
+                        print(f"round {rnd + 1} {name:6s} rows={n:3d}: {r['rps']:8.0f} req/s "
+                              f"p50 {r['p50'] / 1000:6.2f} ms p99 {r['p99'] / 1000:6.2f} ms "
+                              f"errors {r['errors']}", flush=True)
+            # the service's own count (wrk leaves out the answers in flight when it stops)
+            answered = served_rows(f"http://127.0.0.1:{ports['ours']}/metrics")
+            code = stop(ours)
+            procs.remove(ours)
+            logged = logged_rows()
+            report(results, answered, logged, code)
+    finally:
+        for p in procs:
+            stop(p, timeout=20)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def served_rows(metrics_url: str) -> int:
+    import httpx
+
+    text = httpx.get(metrics_url, timeout=30).text
+    return int(sum(float(m.group(1)) for m in re.finditer(
+        r"^model_predictions_total\{[^}]*\} (\S+)$", text, re.M)))
+
+
+def logged_rows() -> int:
+    import sqlalchemy as sa
+
+    from tasks.ab import open_store, predictions_table
+
+    with open_store().engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(predictions_table)).scalar()
+
+
+def report(results: dict, answered: int, logged: int, exit_code: int) -> None:
+    def med(name, n, field):
+        return statistics.median(r[field] for r in results[(name, n)])
+
+    print("\nsingle rows, 8 connections, 2 workers each (medians of the rounds)")
+    print(f"{'server':38s} {'req/s':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'errors':>6s} "
+          f"{'vs mlflow':>9s}")
+    ref = med("mlflow", 1, "rps")
+    titles = {"ours": "ours: /predict, A/B test, logging on", "mlflow": "mlflow models serve",
+              "bare": "bare FastAPI constant (ceiling)"}
+    for name in ("ours", "mlflow", "bare"):
+        errors = sum(r["errors"] for r in results[(name, 1)])
+        print(f"{titles[name]:38s} {med(name, 1, 'rps'):9.0f} {med(name, 1, 'p50') / 1000:7.2f} "
+              f"{med(name, 1, 'p99') / 1000:7.2f} {errors:6d} {med(name, 1, 'rps') / ref:8.1f}x")
+    print(f"\n{BATCH}-row batches")
+    print(f"{'server':38s} {'rows/s':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'errors':>6s} "
+          f"{'vs mlflow':>9s}")
+    ref_b = med("mlflow", BATCH, "rps") * BATCH
+    for name in ("ours", "mlflow"):
+        errors = sum(r["errors"] for r in results[(name, BATCH)])
+        rows = med(name, BATCH, "rps") * BATCH
+        print(f"{titles[name]:38s} {rows:9.0f} {med(name, BATCH, 'p50') / 1000:7.2f} "
+              f"{med(name, BATCH, 'p99') / 1000:7.2f} {errors:6d} {rows / ref_b:8.1f}x")
+    ratio = med("ours", 1, "rps") / ref
+    p99 = med("ours", 1, "p99") / 1000
+    errors = sum(r["errors"] for (name, _), rs in results.items() if name == "ours" for r in rs)
+    print(f"\nrows answered by ours {answered:,}; rows in the A/B prediction log after SIGTERM "
+          f"{logged:,} (exit code {exit_code})")
+    met = ratio >= 10 and p99 <= 10 and errors == 0 and answered == logged
+    print(f"goal (>= 10x mlflow req/s, p99 <= 10 ms, 0 errors, logged = answered): "
+          f"{'met' if met else 'NOT met'} ({ratio:.1f}x, p99 {p99:.2f} ms, {errors} errors)")
+
+
+if __name__ == "__main__":
+    main()
