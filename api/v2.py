@@ -41,7 +41,13 @@ async def live() -> Response:
     return _json({"live": True})
 
 
-@health_router.get("/ready")
+READY_ANSWERS = {
+    200: {"description": "every champion is loaded: `{\"ready\": true}`"},
+    503: {"description": "still loading a champion: `{\"ready\": false}`"},
+}
+
+
+@health_router.get("/ready", responses=READY_ANSWERS)
 async def ready(request: Request) -> Response:
     """True (200) once the champion of every model that has one is loaded; 503 before."""
     ok = request.app.state.serving.ready
