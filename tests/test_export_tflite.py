@@ -556,7 +556,7 @@ def registered(home):
 
     frame = churn_frame().sample(2000, random_state=4).reset_index(drop=True)
     result = train_model(frame, "churn", "tflite_churn", time_budget_s=5,
-                         candidates=["hist_gradient_boosting"])
+                         candidates=["hist_gradient_boosting"], max_trials=1)
     assert result.family == "hist_gradient_boosting"
     return result
 
