@@ -23,7 +23,7 @@ from tasks.demo_data import churn_frame
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
 FORMATS = ["onnx", "pmml", "tflite", "coreml"]
-FAMILIES = ["linear", "random_forest", "hist_gradient_boosting"]
+FAMILIES = ["linear", "random_forest", "extra_trees", "hist_gradient_boosting"]
 ROWS = 400
 # name: (table, target, family): binary churn for every family on both tables, and a regressor
 CASES = {
