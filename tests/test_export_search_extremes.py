@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceW
                                         "ignore:Found unknown categories:UserWarning")
 
 FORMATS = ["onnx", "pmml", "tflite", "coreml"]
-ROWS, CHECK_ROWS = 900, 150
+ROWS, CHECK_ROWS = 500, 100
 EXTREMES = {
     "linear": {"C": 100.0, "penalty": "l1", "class_weight": "balanced"},
     "random_forest": {"n_estimators": MAX_TREES, "max_depth": MAX_DEPTH, "min_samples_leaf": 1,
