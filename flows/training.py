@@ -90,7 +90,7 @@ def train_model(
                                           for t in batch]])
     summary = summarize_search(search, budget_s)
     ranked = search.ranked()
-    if not ranked or ranked[0].status != "complete":
+    if not ranked or ranked[0].mean is None or ranked[0].status not in ("complete", "deadline"):
         errors = "; ".join(f"{r.candidate.label}: {r.error or r.status}" for r in search.results)
         raise DataError(f"no configuration could be cross-validated ({errors}); raise "
                         "time_budget_s or check the data")

@@ -508,11 +508,17 @@ class Search:
         return round(time.monotonic() - self.started, 3)
 
     def ranked(self) -> list[TrialResult]:
-        """Completed trials best first, then pruned, cut and failed ones (in trial order)."""
-        done = [r for r in self.results if r.status == "complete"]
+        """Completed trials best first; then, best first, trials the deadline cut after at least
+        one fold (a budget too short for any full trial still yields a model); then pruned and
+        failed ones, in trial order."""
         sign = -1.0 if greater_is_better(self.metric) else 1.0
-        rest = [r for r in self.results if r.status != "complete"]
-        return sorted(done, key=lambda r: (sign * r.mean, r.number)) + rest
+
+        def best_first(status: str) -> list[TrialResult]:
+            return sorted((r for r in self.results if r.status == status and r.scores),
+                          key=lambda r: (sign * r.mean, r.number))
+
+        first = best_first("complete") + best_first("deadline")
+        return first + [r for r in self.results if r not in first]
 
 
 @contextlib.contextmanager
