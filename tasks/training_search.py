@@ -344,7 +344,7 @@ def cross_validate(number: int, candidate: Candidate, X: pd.DataFrame, y: pd.Ser
                    deadline: float | None, should_prune=None) -> TrialResult:
     """k-fold scores of one configuration. After each fold `should_prune(fold, running mean)`
     may stop a bad trial (status pruned); past `deadline` (a time.monotonic() value) it stops
-    between folds (status deadline)."""
+    between folds, after the first (status deadline)."""
     # trials run side by side, one per core: one OpenMP thread each (HistGradientBoosting's
     # default of all cores per trial oversubscribes the machine; the limit is per thread)
     with threadpool_limits(limits=1, user_api="openmp"):
@@ -358,8 +358,8 @@ def _cross_validate(number, candidate, X, y, schema, metric, n_folds, random_sta
     started = time.monotonic()
     needs_proba = METRICS[metric][1]
     for step, (train_idx, test_idx) in enumerate(folds(schema.task, n_folds, random_state).split(X, y)):
-        if deadline is not None and time.monotonic() > deadline:
-            result.status = "deadline"
+        if step > 0 and deadline is not None and time.monotonic() > deadline:
+            result.status = "deadline"  # (the first fold always runs: every trial has a score)
             break
         model = build_pipeline(schema, candidate.family, candidate.params, random_state)
         try:

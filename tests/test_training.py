@@ -163,6 +163,14 @@ def test_a_search_that_has_not_converged_uses_its_budget(state_dir):
     assert search.seconds <= search.budget_s + longest_fold + 1.0, (search, longest_fold)
 
 
+def test_a_budget_too_short_for_a_full_trial_still_yields_a_model(state_dir):
+    result = train_model(hard_binary(), "label", "tiny", time_budget_s=0.5)
+    assert result.search.stop_reason == "budget" and result.version == 1
+    best = result.leaderboard[0]
+    assert best["status"] in ("complete", "deadline") and best["folds"] >= 1
+    assert result.family == best["family"] and 0.5 < result.score <= 1.0
+
+
 def test_a_converged_search_stops_early_and_says_so(state_dir):
     rng = np.random.default_rng(0)
     x = rng.normal(size=300)
