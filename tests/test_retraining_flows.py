@@ -448,6 +448,7 @@ def test_lifecycle_step_shows_the_decision_and_the_gate(base, model):
         model_name: str
         data: dict
         budget_s: float = BUDGET
+        max_trials: int | None = 2
 
         def say(self, line: str) -> None:
             lines.append(line)
