@@ -29,7 +29,7 @@ from tasks.demo_data import churn_frame  # noqa: E402
 from tasks.export.base import FORMATS, ExportSubject  # noqa: E402
 from tasks.export.core import export_format, sklearn_reference  # noqa: E402
 from tasks.export.report import _size  # noqa: E402
-from tasks.training_search import (FAMILIES, build_pipeline, candidate_grid, infer_schema,  # noqa: E402
+from tasks.training_search import (FAMILIES, build_pipeline, starting_candidates, infer_schema,  # noqa: E402
                                    prepare_features)
 
 TRAIN_ROWS = 5000
@@ -41,7 +41,7 @@ def subjects(task: str, target: str):
     schema = infer_schema(frame, target, task)
     X = prepare_features(frame, schema)
     y = frame[target]
-    params = {c.family: c.params for c in reversed(candidate_grid(task))}  # first candidate wins
+    params = {c.family: c.params for c in starting_candidates(task)}
     for family in FAMILIES:
         pipeline = build_pipeline(schema, family, params[family], 0)
         pipeline.fit(X.iloc[:TRAIN_ROWS], y.iloc[:TRAIN_ROWS])

@@ -31,7 +31,7 @@ from sklearn.datasets import load_diabetes, load_iris  # noqa: E402
 from tasks.demo_data import churn_frame  # noqa: E402
 from tasks.export.base import ExportSubject  # noqa: E402
 from tasks.export.core import export_format, sklearn_reference  # noqa: E402
-from tasks.training_search import (FAMILIES, build_pipeline, candidate_grid, infer_schema,  # noqa: E402
+from tasks.training_search import (FAMILIES, build_pipeline, starting_candidates, infer_schema,  # noqa: E402
                                    prepare_features)
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -59,7 +59,7 @@ def run(max_rows: int) -> list[dict]:
             check.loc[5:6, c] = np.nan
             check.loc[7:8, c] = "never-seen"
         first: dict[str, dict] = {}
-        for candidate in candidate_grid(task):  # cheapest first: the first of each family
+        for candidate in starting_candidates(task):  # the search's first trial of each family
             first.setdefault(candidate.family, candidate.params)
         for family in FAMILIES:
             pipe = build_pipeline(schema, family, first[family], 0)

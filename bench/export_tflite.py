@@ -32,7 +32,7 @@ from tasks.demo_data import churn_frame  # noqa: E402
 from tasks.export.base import ExportSubject  # noqa: E402
 from tasks.export.core import export_format, sklearn_reference  # noqa: E402
 from tasks.export.report import _size  # noqa: E402
-from tasks.training_search import (build_pipeline, candidate_grid, infer_schema,  # noqa: E402
+from tasks.training_search import (build_pipeline, starting_candidates, infer_schema,  # noqa: E402
                                    prepare_features)
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -73,7 +73,7 @@ def main() -> int:
             X = prepare_features(frame, schema)
             y = frame[target]
             sample = X.iloc[cut:].reset_index(drop=True)
-            grid = candidate_grid(task)
+            grid = starting_candidates(task)
             if args.quick:
                 grid = [c for i, c in enumerate(grid) if c.family not in {d.family for d in grid[:i]}]
             for candidate in grid:

@@ -31,9 +31,8 @@ from flows.registry import compare_versions, promote_model, rollback_model  # no
 from flows.training import initial_alias, train_model  # noqa: E402
 from tasks import comparison, registry, training  # noqa: E402
 from tasks.demo_data import TARGET, write_churn_batches  # noqa: E402
-from tasks.training_search import candidate_grid, merge_rounds, rank  # noqa: E402
 
-BUDGET = 600.0  # never reached: both modes do the same, complete work
+MAX_TRIALS = 8  # both modes run the same trials
 MODEL = "bench_churn"
 
 
@@ -41,18 +40,13 @@ def plain_train(path: Path, promote: str) -> int:
     """train_model's recipe with every task called as a plain function."""
     loaded = training.load_data.fn(str(path))
     data = training.prepare_training_data.fn(loaded, TARGET, "auto", None, 0)
-    deadline = time.monotonic() + BUDGET
-    n_all = len(data.X)
-    n_first = min(n_all, training.FIRST_ROUND_ROWS)
-    folds = 3 if n_first < n_all else training.N_FOLDS
+    search = training.start_search(data, None, 0, MAX_TRIALS, None)
     with ThreadPoolExecutor(max_workers=training.cpu_workers()) as pool:
-        ranked = rank(list(pool.map(lambda c: training.evaluate_candidate.fn(
-            c, data, n_first, folds, 0, deadline), candidate_grid(data.schema.task))))
-        if n_first < n_all:  # the flow's successive-halving round on all rows
-            finalists = [r.candidate for r in ranked[: max(1, (len(ranked) + 1) // 2)]]
-            ranked = merge_rounds(ranked, list(pool.map(lambda c: training.evaluate_candidate.fn(
-                c, data, n_all, training.N_FOLDS, 0, deadline), finalists)))
-    logged = training.refit_and_log.fn(data, ranked[0], MODEL, 0, [])
+        while batch := search.ask():
+            search.tell(list(pool.map(lambda t: training.evaluate_trial.fn(t, data, 0, None), batch)))
+    summary = training.summarize_search(search, None)
+    rows = [training.trial_row(r) for r in search.ranked()]
+    logged = training.refit_and_log.fn(data, search.ranked()[0], MODEL, 0, rows, summary)
     version = registry.register_version.fn(MODEL, logged.model_uri, logged.run_id, "bench", {},
                                             {}, logged.input_schema)
     alias = initial_alias(promote, "champion" in registry.alias_map(registry.mlflow_client(), MODEL))
@@ -74,8 +68,8 @@ def plain_lifecycle(paths: dict[str, Path]) -> None:
 
 
 def prefect_lifecycle(paths: dict[str, Path]) -> None:
-    v1 = train_model(str(paths["early"]), TARGET, MODEL, time_budget_s=BUDGET, promote="always").version
-    v2 = train_model(str(paths["grown"]), TARGET, MODEL, time_budget_s=BUDGET).version
+    v1 = train_model(str(paths["early"]), TARGET, MODEL, max_trials=MAX_TRIALS, promote="always").version
+    v2 = train_model(str(paths["grown"]), TARGET, MODEL, max_trials=MAX_TRIALS).version
     compare_versions(MODEL, v1, v2, data=str(paths["evaluation"]))
     promote_model(MODEL, v2, "champion")
     rollback_model(MODEL)

@@ -66,6 +66,10 @@ class RetrainingPolicy(Block):
         default=24.0, gt=0, description="Not approved within this: not promoted.")
     time_budget_s: float = Field(
         default=60.0, gt=0, description="Training time budget of the challenger's search.")
+    max_trials: int | None = Field(
+        default=None, gt=0,
+        description="Stop the challenger's search after this many trials, whatever time they "
+                    "take (reproducible); empty: time_budget_s decides.")
     monitoring_policy: str | None = Field(
         default=None,
         description="Name of the MonitoringPolicy document whose drift threshold, degradation "

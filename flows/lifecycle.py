@@ -37,6 +37,7 @@ from tasks.demo_data import MODEL_NAME, TARGET, write_churn_batches  # noqa: E40
 
 # Where the story is told: the terminal, also when the libraries' output goes to a log file.
 console: IO[str] = sys.stdout
+DEMO_MAX_TRIALS = 8  # each search's trials in the demo: reproducible and well under 3 minutes
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Story:
     data: dict[str, Path] = field(default_factory=dict)
     versions: dict[str, int] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
+    max_trials: int | None = None  # each search's trials: the same summary on every run
 
     def say(self, line: str) -> None:
         self.lines.append(line)
@@ -60,12 +62,13 @@ def step_data(story: Story) -> None:
 def step_train(story: Story) -> None:
     # promote="always": a rerun of the demo starts its own story with a fresh champion
     first = train_model(str(story.data["early"]), TARGET, story.model_name,
-                        time_budget_s=story.budget_s, promote="always")
+                        time_budget_s=story.budget_s, max_trials=story.max_trials,
+                        promote="always")
     story.versions["v1"] = first.version
     story.say(f"train     v{first.version} {first.family:<24} holdout {first.metric} "
               f"{first.score:.4f} on 40% of customers -> {', '.join(first.aliases)}")
     second = train_model(str(story.data["grown"]), TARGET, story.model_name,
-                         time_budget_s=story.budget_s)
+                         time_budget_s=story.budget_s, max_trials=story.max_trials)
     story.versions["v2"] = second.version
     story.say(f"train     v{second.version} {second.family:<24} holdout {second.metric} "
               f"{second.score:.4f} on 80% of customers -> {', '.join(second.aliases)}")
@@ -102,7 +105,7 @@ CHAPTERS = {step_data: "data", step_train: "train two versions",
 
 @flow(name="mlops-lifecycle", log_prints=True)
 def lifecycle(model_name: str = MODEL_NAME, time_budget_s: float = 20,
-              until: str | None = None) -> list[str]:
+              until: str | None = None, max_trials: int | None = DEMO_MAX_TRIALS) -> list[str]:
     """Train, register, compare, promote and roll back the churn model, check drift, export,
     run an A/B test and a retraining; returns the summary lines.
 
@@ -111,11 +114,13 @@ def lifecycle(model_name: str = MODEL_NAME, time_budget_s: float = 20,
         time_budget_s: Training budget of each train_model call, in seconds.
         until: Stop after this chapter (data, train, compare, promote_and_rollback, drift,
             export, ab_test or retrain; a prefix is enough); empty: the whole story.
+        max_trials: Trials of each model search (the same models, so the same story, on every
+            run); empty: time_budget_s decides.
     """
     names = [step.__name__.removeprefix("step_") for step in STEPS]
     if until is not None and not any(n.startswith(until) for n in names):
         raise ValueError(f"unknown chapter {until!r}; use one of {', '.join(names)}")
-    story = Story(model_name=model_name, budget_s=time_budget_s)
+    story = Story(model_name=model_name, budget_s=time_budget_s, max_trials=max_trials)
     started = time.monotonic()
     for number, step in enumerate(STEPS, 1):
         print(f"[{number}/{len(STEPS)}] {CHAPTERS[step]} "
@@ -190,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         "its blocks name; default: embedded Prefect and MLflow under the state folder"))
     parser.add_argument("--budget", type=float, default=20,
                         help="training budget per train_model call, seconds (default 20)")
+    parser.add_argument("--max-trials", type=int, default=DEMO_MAX_TRIALS,
+                        help=f"trials per model search (default {DEMO_MAX_TRIALS}: the same "
+                             "summary on every run); 0: the budget decides")
     parser.add_argument("--until", help="stop after this chapter (e.g. train, drift, export)")
     args = parser.parse_args(argv)
 
@@ -207,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with local_run_settings(), (nullcontext() if args.stack
                                         else embedded_prefect(home / "prefect")):
-                summary = lifecycle(time_budget_s=args.budget, until=args.until)
+                summary = lifecycle(time_budget_s=args.budget, until=args.until,
+                                    max_trials=args.max_trials or None)
         except BaseException:
             import traceback
 

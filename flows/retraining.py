@@ -121,7 +121,8 @@ def should_retrain(model_name: str, data: DataRef | None = None, target: str | N
 @data_flow(name="retrain-model", log_prints=True, persist_result=True)
 def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "manual",
                   trigger: Trigger = "manual", policy: str | None = None,
-                  time_budget_s: float | None = None) -> RetrainResult:
+                  time_budget_s: float | None = None,
+                  max_trials: int | None = None) -> RetrainResult:
     """Train a challenger on labelled data and promote it only if it beats the champion on the
     same held-out rows by the policy's promotion_margin (and passes the sanity checks).
 
@@ -138,6 +139,8 @@ def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "ma
         trigger: What started it: manual, schedule or event.
         policy: Name of a saved RetrainingPolicy document; empty: the model's, else "default".
         time_budget_s: Training budget in seconds; empty: the policy's time_budget_s.
+        max_trials: Trials of the challenger's search (reproducible); empty: the policy's
+            max_trials, else the time budget decides.
     """
     started, started_at = time.monotonic(), datetime.now(timezone.utc)
     logger = get_run_logger()
@@ -164,6 +167,7 @@ def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "ma
             trained = train_model(str(plan.train_path), target, model_name,
                                   metric=champion.metric,
                                   time_budget_s=time_budget_s or settings.time_budget_s,
+                                  max_trials=max_trials or settings.max_trials,
                                   promote="never")
             result.challenger_version = trained.version
             mark_seen(trained.run_id, plan.seen_all, len(view.frame))
@@ -393,7 +397,7 @@ def lifecycle_step(story) -> None:
     if not decision.should_retrain:  # a rerun of the demo within the cooldown: retrain by hand
         story.say("retrain   retraining by hand (retrain_model is not held by the cooldown)")
     result = retrain_model(name, str(labelled), TARGET, reason=decision.reason,
-                           time_budget_s=story.budget_s)
+                           time_budget_s=story.budget_s, max_trials=story.max_trials)
     story.say(f"retrain   v{result.challenger_version} trained; gate on {result.gate_rows} "
               f"customers neither version saw: {result.metric} champion v{result.champion_version} "
               f"{result.champion_score:.4f} vs v{result.challenger_version} "

@@ -1,4 +1,4 @@
-"""train_model: load → validate → search (one task per candidate) → refit and log → register →
+"""train_model: load → validate → search (one task per trial) → refit and log → register →
 set aliases: the MLOps deployment guide's `orchestrator.fit(X, y, register_best_model=True,
 model_name=…)`."""
 from __future__ import annotations
@@ -14,11 +14,12 @@ from flows.parameters import DataRef, data_flow
 from tasks.errors import ConfigurationError, DataError
 from tasks.registry import (alias_map, mlflow_client, model_slug, promote_alias, register_version,
                             validate_model_name)
-from tasks.training import (FIRST_ROUND_ROWS, N_FOLDS, TrainResult, cpu_workers, evaluate_candidate,
-                            load_data, prepare_training_data, refit_and_log)
-from tasks.training_search import candidate_grid, merge_rounds, rank
+from tasks.training import (TrainResult, cpu_workers, evaluate_trial, load_data,
+                            prepare_training_data, refit_and_log, start_search, summarize_search,
+                            trial_row)
+from tasks.training_search import check_families
 
-SEARCH_SHARE = 0.7  # of time_budget_s; the rest is the refit, the holdout and the logging
+SEARCH_SHARE = 0.7  # of time_budget_s; the rest is for the refit, the holdout and the logging
 
 
 def initial_alias(promote: str, has_champion: bool) -> str | None:
@@ -42,6 +43,7 @@ def train_model(
     candidates: list[str] | None = None,
     random_state: int = 0,
     promote: Literal["auto", "always", "never"] = "auto",
+    max_trials: int | None = None,
 ) -> TrainResult:
     """Train the best of several exportable model families and register it in MLflow.
 
@@ -53,12 +55,17 @@ def train_model(
         task: binary, multiclass or regression; auto: inferred from the target.
         metric: Metric to select by (roc_auc, accuracy, balanced_accuracy, f1_macro, log_loss,
             rmse, mae, r2); empty: the task's default.
-        time_budget_s: Seconds for the whole call; the search gets 70% of it.
-        candidates: Families to search (linear, random_forest, hist_gradient_boosting); empty:
-            all.
-        random_state: Seed of the splits and the models.
+        time_budget_s: Seconds for the search: it stops at 70% of it (or earlier once it has
+            converged); the refit of the winner, the holdout scoring and the logging come after
+            and are not cut. Ignored when max_trials is set.
+        candidates: Families to search (linear, random_forest, extra_trees,
+            hist_gradient_boosting); empty: all.
+        random_state: Seed of the search, the splits and the models.
         promote: auto (the first version becomes champion, later ones challenger), always
             (champion), never (no alias).
+        max_trials: Stop the search after this many trials (or earlier once it has converged),
+            whatever time they take: the same data, random_state and machine then give the same
+            model. Empty: the time budget decides (more trials on an idle machine).
     """
     started = time.monotonic()
     logger = get_run_logger()
@@ -66,35 +73,33 @@ def train_model(
     if not time_budget_s or time_budget_s <= 0:
         raise ConfigurationError(f"time_budget_s must be positive, got {time_budget_s}")
 
+    if max_trials is not None and (isinstance(max_trials, bool) or max_trials < 1):
+        raise ConfigurationError(f"max_trials must be a positive number of trials, got {max_trials}; "
+                                 "leave it empty to let time_budget_s decide")
+    check_families(candidates)
+
     loaded = load_data(data)
     prepared = prepare_training_data(loaded, target, task, metric, random_state)
-    grid = candidate_grid(prepared.schema.task, candidates)
-    search_deadline = started + time_budget_s * SEARCH_SHARE
 
-    # Successive halving: every candidate on a subsample first, the better half on all rows.
-    n_all = len(prepared.X)
-    n_first = min(n_all, FIRST_ROUND_ROWS)
-    round_one = [evaluate_candidate.submit(c, prepared, n_first, 3 if n_first < n_all else N_FOLDS,
-                                           random_state, search_deadline) for c in grid]
-    results = [f.result() for f in round_one]
-    ranked = rank(results)
-    if n_first < n_all and ranked and time.monotonic() < search_deadline:
-        finalists = [r.candidate for r in ranked[: max(1, (len(ranked) + 1) // 2)]]
-        round_two = [evaluate_candidate.submit(c, prepared, n_all, N_FOLDS, random_state,
-                                               search_deadline) for c in finalists]
-        ranked = merge_rounds(ranked, [f.result() for f in round_two])
-    if not ranked:
-        errors = "; ".join(f"{r.candidate.label}: {r.error or 'out of time'}" for r in results)
-        raise DataError(f"no candidate could be evaluated ({errors}); raise time_budget_s or "
-                        "check the data")
+    # The search: batches of trials as Prefect tasks, told to the study in trial order.
+    budget_s = None if max_trials else time_budget_s * SEARCH_SHARE
+    deadline = None if budget_s is None else started + budget_s
+    search = start_search(prepared, candidates, random_state, max_trials, deadline)
+    while batch := search.ask():
+        search.tell([f.result() for f in [evaluate_trial.submit(t, prepared, random_state, deadline)
+                                          for t in batch]])
+    summary = summarize_search(search, budget_s)
+    ranked = search.ranked()
+    if not ranked or ranked[0].mean is None or ranked[0].status not in ("complete", "deadline"):
+        errors = "; ".join(f"{r.candidate.label}: {r.error or r.status}" for r in search.results)
+        raise DataError(f"no configuration could be cross-validated ({errors}); raise "
+                        "time_budget_s or check the data")
     best = ranked[0]
-    leaderboard = [{"candidate": r.candidate.label, "family": r.candidate.family,
-                    prepared.metric: r.mean, "folds": len(r.scores), "seconds": round(r.fit_seconds, 2)}
-                   for r in ranked]
-    logger.info("best candidate %s: cv %s = %.4f", best.candidate.label, prepared.metric, best.mean)
+    leaderboard = [trial_row(r) for r in ranked]
+    logger.info("search: %s; best %s: cv %s = %.4f", summary.describe(), best.candidate.label,
+                prepared.metric, best.mean)
 
-    logged = refit_and_log(prepared, best, model_name, random_state,
-                           leaderboard)
+    logged = refit_and_log(prepared, best, model_name, random_state, leaderboard, summary)
     version = register_version(
         model_name, logged.model_uri, logged.run_id,
         description=(f"{logged.family} for {prepared.schema.task} on {prepared.ref or 'a DataFrame'};"
@@ -108,10 +113,12 @@ def train_model(
         version = promote_alias(model_name, version.version, alias, reason=f"train_model promote={promote}")
 
     create_table_artifact(key=f"train-{model_slug(model_name)}", table=leaderboard,
-                          description=f"Candidates searched for {model_name} v{version.version}")
+                          description=f"Search for {model_name} v{version.version}: "
+                                      f"{summary.describe()}")
     return TrainResult(
         model_name=model_name, version=version.version, run_id=logged.run_id, family=logged.family,
         metric=prepared.metric, score=logged.holdout_metrics[prepared.metric],
         aliases=version.aliases, semver=version.semver, model_uri=logged.model_uri,
         task=prepared.schema.task, cv_score=best.mean, holdout_metrics=logged.holdout_metrics,
-        leaderboard=leaderboard, data_ref=prepared.ref, duration_s=round(time.monotonic() - started, 2))
+        leaderboard=leaderboard, data_ref=prepared.ref, duration_s=round(time.monotonic() - started, 2),
+        search=summary)

@@ -1,4 +1,4 @@
-"""Training tasks: prepare the data, cross-validate one candidate, refit and log the best."""
+"""Training tasks: prepare the data, cross-validate one search trial, refit and log the best."""
 from __future__ import annotations
 
 import json
@@ -20,19 +20,41 @@ from sklearn.model_selection import train_test_split
 from blocks.mlflow_config import resolve_mlflow_config
 from tasks.data import LoadedData, load_table, validate_training_frame
 from tasks.errors import DataError
-from tasks.training_search import (Candidate, CandidateScore, Schema, cross_validate,
-                                   build_pipeline, evaluate_metrics, infer_schema,
+from tasks.training_search import (PlannedTrial, Schema, Search, TrialResult, build_pipeline,
+                                   check_families, cross_validate, evaluate_metrics, infer_schema,
                                    permutation_importance_by_column, prepare_features,
-                                   resolve_metric, row_fingerprints)
+                                   resolve_metric, row_fingerprints, greater_is_better)
 
 N_FOLDS = 5
 HOLDOUT_SHARE = 0.2
 HOLDOUT_MAX_ROWS = 5000  # rows of the holdout stored with the version (labels included)
-FIRST_ROUND_ROWS = 3000  # successive halving: everyone on this many rows, the best half on all
 IMPORTANCE_ROWS = 600  # holdout rows used for permutation importances
 SEEN_ROWS_NAME = "seen_rows.npy"  # fingerprints of the labelled rows a version was given
 # skops refuses unknown types at load; these are the ones our three families are made of.
 REVIEWED_TYPE_PREFIXES = ("sklearn.", "numpy.", "builtins.", "collections.")
+
+
+class SearchSummary(BaseModel):
+    """How the search went: what the leaderboard's heading says."""
+
+    trials: int
+    completed: int
+    pruned: int
+    stop_reason: str = Field(description="max_trials, converged or budget")
+    seconds: float
+    budget_s: float | None = Field(None, description="the search's share of time_budget_s; "
+                                                      "None when max_trials decides")
+    max_trials: int | None = None
+
+    def describe(self) -> str:
+        if self.stop_reason == "max_trials":
+            why = f"stopped after max_trials={self.max_trials}"
+        elif self.stop_reason == "budget":
+            why = f"stopped at its budget of {self.budget_s:.1f} s"
+        else:
+            why = "stopped early: converged"
+        return (f"{self.trials} trials ({self.completed} complete, {self.pruned} pruned) in "
+                f"{self.seconds:.1f} s; {why}")
 
 
 class TrainResult(BaseModel):
@@ -51,6 +73,7 @@ class TrainResult(BaseModel):
     leaderboard: list[dict] = Field(default_factory=list)
     data_ref: str | None = None
     duration_s: float | None = None
+    search: SearchSummary | None = None
 
 
 @dataclass
@@ -96,15 +119,20 @@ def prepare_training_data(loaded: LoadedData, target: str, task_kind: str, metri
                         n_rows=len(frame), seen_rows=row_fingerprints(frame, schema))
 
 
-@task(name="cross-validate-candidate", cache_policy=NO_CACHE,
-      task_run_name="cv-{candidate.family}")
-def evaluate_candidate(candidate: Candidate, data: TrainingData, n_rows: int, n_folds: int,
-                       random_state: int, deadline: float) -> CandidateScore:
-    X, y = data.X, data.y
-    if n_rows < len(X):
-        X, _, y, _ = train_test_split(X, y, train_size=n_rows, random_state=random_state,
-                                      stratify=y if data.schema.task != "regression" else None)
-    return cross_validate(candidate, X, y, data.schema, data.metric, n_folds, random_state, deadline)
+def start_search(data: TrainingData, families: list[str] | None, random_state: int,
+                 max_trials: int | None, deadline: float | None) -> Search:
+    """The Optuna study of one train_model call (batches as wide as the task runner)."""
+    return Search(data.schema.task, data.metric, check_families(families), random_state,
+                  batch_size=cpu_workers(), max_trials=max_trials, deadline=deadline)
+
+
+@task(name="cross-validate-trial", cache_policy=NO_CACHE,
+      task_run_name="trial-{planned.number}-{planned.candidate.family}")
+def evaluate_trial(planned: PlannedTrial, data: TrainingData, random_state: int,
+                   deadline: float | None) -> TrialResult:
+    """k-fold cross-validation of one configuration, pruned on early folds when it is bad."""
+    return cross_validate(planned.number, planned.candidate, data.X, data.y, data.schema,
+                          data.metric, N_FOLDS, random_state, deadline, planned.should_prune)
 
 
 def _git_commit() -> str:
@@ -144,6 +172,45 @@ def trusted_types(model) -> list[str]:
     return found
 
 
+def summarize_search(search: Search, budget_s: float | None) -> SearchSummary:
+    return SearchSummary(
+        trials=len(search.results), completed=sum(r.status == "complete" for r in search.results),
+        pruned=sum(r.status == "pruned" for r in search.results), stop_reason=search.stop_reason,
+        seconds=search.seconds, budget_s=budget_s, max_trials=search.max_trials)
+
+
+def trial_row(r: TrialResult) -> dict:
+    """One trial as the leaderboard, the Prefect table and MLflow's trial table show it."""
+    return {"trial": r.number, "candidate": r.candidate.label, "family": r.candidate.family,
+            r.metric: None if r.mean is None else round(r.mean, 6), "folds": len(r.scores),
+            "seconds": round(r.seconds, 2), "status": r.status, "at_s": r.finished_s,
+            "params": json.dumps(r.candidate.params, sort_keys=True, default=str)}
+
+
+def progress_figure(rows: list[dict], metric: str, greater_is_better: bool, title: str):
+    """Best cross-validated score against search time, every completed trial as a dot.
+    Matplotlib is imported here, not at module import (docs/architecture.md, "Fast imports")."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    done = sorted((r for r in rows if r["status"] == "complete"), key=lambda r: r["trial"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if done:
+        at = [r["at_s"] for r in done]
+        scores = [r[metric] for r in done]
+        best = (np.maximum if greater_is_better else np.minimum).accumulate(scores)
+        ax.plot(at, scores, "o", ms=3, alpha=0.4, color="tab:gray", label="trial")
+        ax.step(at, best, where="post", color="tab:blue", label="best so far")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel("search time (s)")
+    ax.set_ylabel(f"cross-validated {metric}")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 class LoggedModel(BaseModel):
     run_id: str
     model_uri: str
@@ -153,9 +220,10 @@ class LoggedModel(BaseModel):
 
 
 @task(name="refit-and-log-model", cache_policy=NO_CACHE)
-def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str,
-                  random_state: int, leaderboard: list[dict]) -> LoggedModel:
-    """Refit the best candidate, measure it on the holdout, log it with what later steps need."""
+def refit_and_log(data: TrainingData, best: TrialResult, model_name: str,
+                  random_state: int, leaderboard: list[dict], search: SearchSummary) -> LoggedModel:
+    """Refit the best configuration on every training row, measure it on the holdout, log it
+    with what later steps need and the search's trial history (a table and a plot)."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -172,13 +240,15 @@ def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str,
         mlflow.log_params({"family": best.candidate.family, **best.candidate.params,
                            "random_state": random_state, "n_train_rows": len(data.X)})
         mlflow.log_metrics({f"holdout_{k}": v for k, v in holdout.items()})
-        mlflow.log_metric(f"cv_{data.metric}", best.mean)
+        mlflow.log_metrics({f"cv_{data.metric}": best.mean, "search_trials": search.trials,
+                            "search_pruned": search.pruned, "search_seconds": search.seconds})
         mlflow.set_tags({
             "mlops.model_name": model_name, "mlops.target": data.schema.target,
             "mlops.task": data.schema.task, "mlops.metric": data.metric,
             "mlops.data_ref": data.ref or "(DataFrame)", "mlops.data_sha256": data.sha256,
             "mlops.data_rows": str(data.n_rows),
             "mlops.git_commit": _git_commit(), "mlops.family": best.candidate.family,
+            "mlops.search": search.describe(), "mlops.search_stop": search.stop_reason,
             **{f"lib.{k}": v for k, v in library_versions().items()},
         })
         with tempfile.TemporaryDirectory() as tmp:
@@ -194,6 +264,14 @@ def refit_and_log(data: TrainingData, best: CandidateScore, model_name: str,
             if data.seen_rows is not None:
                 np.save(tmpdir / SEEN_ROWS_NAME, data.seen_rows)
             mlflow.log_artifacts(str(tmpdir), artifact_path="mlops")
+        history = sorted(leaderboard, key=lambda r: r["trial"])
+        mlflow.log_table(pd.DataFrame(history), artifact_file="mlops/trials.json")
+        figure = progress_figure(history, data.metric, greater_is_better(data.metric),
+                                 f"{model_name}: {search.describe()}")
+        mlflow.log_figure(figure, "mlops/search_progress.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
         signature = infer_signature(data.X.iloc[:50], model.predict(data.X.iloc[:50]))
         # explicit requirements: MLflow's inference of them costs ~13 s a model here
         info = mlflow.sklearn.log_model(model, name="model", signature=signature,

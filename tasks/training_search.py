@@ -7,15 +7,19 @@ search deadline, so `time_budget_s` holds.
 """
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from sklearn.compose import ColumnTransformer
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
-from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+from sklearn.ensemble import (ExtraTreesClassifier, ExtraTreesRegressor, RandomForestClassifier,
+                              RandomForestRegressor)
 from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import (accuracy_score, f1_score, log_loss, mean_absolute_error,
@@ -23,10 +27,11 @@ from sklearn.metrics import (accuracy_score, f1_score, log_loss, mean_absolute_e
 from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from threadpoolctl import threadpool_limits
 
 from tasks.errors import ConfigurationError, DataError
 
-FAMILIES = ("linear", "random_forest", "hist_gradient_boosting")
+FAMILIES = ("linear", "random_forest", "extra_trees", "hist_gradient_boosting")
 MAX_VOCABULARY = 200  # categories kept per column in the stored schema
 
 
@@ -103,6 +108,8 @@ def row_fingerprints(frame: pd.DataFrame, schema: Schema) -> np.ndarray:
 
 # --------------------------------------------------------------------------- pipelines
 def build_pipeline(schema: Schema, family: str, params: dict, random_state: int) -> Pipeline:
+    """The pipeline one search trial fits: shared preprocessing, then the family's estimator with
+    the trial's parameters (search names, see `suggest_candidate`, mapped to scikit-learn's)."""
     numeric_steps: list = [("impute", SimpleImputer(strategy="median"))]
     if family == "linear":  # trees do not need scaling; linear models do
         numeric_steps.append(("scale", StandardScaler()))
@@ -113,20 +120,33 @@ def build_pipeline(schema: Schema, family: str, params: dict, random_state: int)
           schema.categorical)],
         remainder="drop", verbose_feature_names_out=False,
     )
+    return Pipeline([("preprocess", pre), ("model", build_estimator(schema, family, params,
+                                                                   random_state))])
+
+
+def build_estimator(schema: Schema, family: str, params: dict, random_state: int):
     classification = schema.task != "regression"
+    params = dict(params)
     if family == "linear":
-        est = (LogisticRegression(max_iter=2000, **params) if classification
-               else Ridge(**params))
-    elif family == "random_forest":
-        cls = RandomForestClassifier if classification else RandomForestRegressor
-        est = cls(random_state=random_state, n_jobs=1, **params)
-    elif family == "hist_gradient_boosting":
-        cls = HistGradientBoostingClassifier if classification else HistGradientBoostingRegressor
-        est = cls(random_state=random_state, early_stopping=True, validation_fraction=0.15,
-                  n_iter_no_change=15, max_iter=400, categorical_features=None, **params)
-    else:
-        raise ConfigurationError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
-    return Pipeline([("preprocess", pre), ("model", est)])
+        if not classification:
+            return Ridge(**params)
+        l1 = params.pop("penalty", "l2") == "l1"
+        # liblinear is the fast L1 solver for two classes; saga handles L1 on several
+        solver = ("liblinear" if len(schema.classes) <= 2 else "saga") if l1 else "lbfgs"
+        return LogisticRegression(max_iter=2000, l1_ratio=1.0 if l1 else 0.0, solver=solver,
+                                  random_state=random_state, **params)
+    if family in ("random_forest", "extra_trees"):
+        kind = {("random_forest", True): RandomForestClassifier,
+                ("random_forest", False): RandomForestRegressor,
+                ("extra_trees", True): ExtraTreesClassifier,
+                ("extra_trees", False): ExtraTreesRegressor}[(family, classification)]
+        return kind(random_state=random_state, n_jobs=1, **params)
+    if family == "hist_gradient_boosting":
+        kind = HistGradientBoostingClassifier if classification else HistGradientBoostingRegressor
+        settings = {"early_stopping": True, "validation_fraction": 0.15, "n_iter_no_change": 15,
+                    "max_iter": 500, **params}
+        return kind(random_state=random_state, categorical_features=None, **settings)
+    raise ConfigurationError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
 
 
 @dataclass(frozen=True)
@@ -136,27 +156,104 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        inner = ",".join(f"{k}={_short(v)}" for k, v in sorted(self.params.items()))
         return f"{self.family}({inner})"
 
 
-def candidate_grid(task: str, families: list[str] | None = None) -> list[Candidate]:
-    """Candidates cheapest first, so a short budget still evaluates every family."""
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def check_families(families: list[str] | None) -> list[str]:
+    """The families to search, in FAMILIES order; refuses unknown names and an empty list."""
+    if families is not None and len(families) == 0:
+        return list(FAMILIES)
     chosen = list(families or FAMILIES)
     unknown = [f for f in chosen if f not in FAMILIES]
     if unknown:
-        raise ConfigurationError(f"unknown candidate families {unknown}; choose from {list(FAMILIES)}")
-    linear = ([{"C": 1.0}, {"C": 0.1}] if task != "regression" else [{"alpha": 1.0}, {"alpha": 10.0}])
-    grid = {
-        "linear": linear,
-        "random_forest": [{"n_estimators": 100, "min_samples_leaf": 3, "max_depth": 12},
-                          {"n_estimators": 200, "min_samples_leaf": 1, "max_depth": None}],
-        "hist_gradient_boosting": [{"learning_rate": 0.1, "max_leaf_nodes": 15},
-                                   {"learning_rate": 0.05, "max_leaf_nodes": 31}],
+        raise ConfigurationError(f"unknown candidate families {unknown}; choose from "
+                                 f"{list(FAMILIES)} (or leave candidates empty for all)")
+    return [f for f in FAMILIES if f in chosen]
+
+
+# --------------------------------------------------------------------------- search space
+# Each family's parameters carry the family's prefix in the study (`hgb.learning_rate`), so TPE
+# models them separately; `suggest_candidate` strips it. Ranges: wide enough to matter, bounded
+# so that every winner still exports (forests of at most 300 trees, depth at most 24; boosting
+# with at most 128 leaves; tests/test_export_units.py exports those extremes).
+PREFIX = {"linear": "lin", "random_forest": "rf", "extra_trees": "et",
+          "hist_gradient_boosting": "hgb"}
+MAX_TREES, MAX_DEPTH, MAX_LEAF_NODES = 300, 24, 128
+
+
+def suggest_candidate(trial, task: str, families: list[str]) -> Candidate:
+    """Ask an Optuna trial for a family and its parameters (the search space)."""
+    family = trial.suggest_categorical("family", families) if len(families) > 1 else families[0]
+    p = PREFIX[family] + "."
+    classification = task != "regression"
+    class_weights = [None, "balanced"]
+    if family == "linear":
+        if not classification:
+            return Candidate(family, {"alpha": trial.suggest_float(p + "alpha", 1e-3, 1e3, log=True)})
+        return Candidate(family, {
+            "C": trial.suggest_float(p + "C", 1e-3, 1e2, log=True),
+            "penalty": trial.suggest_categorical(p + "penalty", ["l2", "l1"]),
+            "class_weight": trial.suggest_categorical(p + "class_weight", class_weights)})
+    if family in ("random_forest", "extra_trees"):
+        params = {
+            "n_estimators": trial.suggest_int(p + "n_estimators", 30, MAX_TREES, log=True),
+            "max_features": trial.suggest_float(p + "max_features", 0.1, 1.0),
+            "min_samples_leaf": trial.suggest_int(p + "min_samples_leaf", 1, 32, log=True),
+            "max_depth": trial.suggest_int(p + "max_depth", 3, MAX_DEPTH, log=True)}
+        if classification:
+            params["class_weight"] = trial.suggest_categorical(
+                p + "class_weight", [None, "balanced", "balanced_subsample"])
+        return Candidate(family, params)
+    params = {
+        "learning_rate": trial.suggest_float(p + "learning_rate", 0.01, 0.3, log=True),
+        "max_leaf_nodes": trial.suggest_int(p + "max_leaf_nodes", 4, MAX_LEAF_NODES, log=True),
+        "min_samples_leaf": trial.suggest_int(p + "min_samples_leaf", 2, 100, log=True),
+        "l2_regularization": trial.suggest_float(p + "l2_regularization", 1e-6, 10.0, log=True),
+        "max_features": trial.suggest_float(p + "max_features", 0.3, 1.0),
+        "validation_fraction": trial.suggest_float(p + "validation_fraction", 0.1, 0.25)}
+    if classification:
+        params["class_weight"] = trial.suggest_categorical(p + "class_weight", class_weights)
+    return Candidate(family, params)
+
+
+def starting_points(task: str, families: list[str]) -> list[dict]:
+    """Cheap, sensible first trials (one per family, in the study's parameter names), so a short
+    budget scores every family before TPE explores."""
+    classification = task != "regression"
+    points = {
+        "linear": ({"lin.C": 1.0, "lin.penalty": "l2", "lin.class_weight": None}
+                   if classification else {"lin.alpha": 1.0}),
+        "hist_gradient_boosting": {"hgb.learning_rate": 0.1, "hgb.max_leaf_nodes": 31,
+                                   "hgb.min_samples_leaf": 20, "hgb.l2_regularization": 1e-6,
+                                   "hgb.max_features": 1.0, "hgb.validation_fraction": 0.15,
+                                   **({"hgb.class_weight": None} if classification else {})},
+        "random_forest": {"rf.max_depth": 16, "rf.n_estimators": 60, "rf.max_features": 0.5,
+                          "rf.min_samples_leaf": 2,
+                          **({"rf.class_weight": None} if classification else {})},
+        "extra_trees": {"et.max_depth": 16, "et.n_estimators": 60, "et.max_features": 0.7,
+                        "et.min_samples_leaf": 2,
+                        **({"et.class_weight": None} if classification else {})},
     }
-    first = [Candidate(f, grid[f][0]) for f in FAMILIES if f in chosen]
-    rest = [Candidate(f, p) for f in FAMILIES if f in chosen for p in grid[f][1:]]
-    return first + rest
+    order = ["linear", "hist_gradient_boosting", "random_forest", "extra_trees"]
+    out = []
+    for family in order:
+        if family in families:
+            out.append({**({"family": family} if len(families) > 1 else {}), **points[family]})
+    return out
+
+
+def starting_candidates(task: str, families: list[str] | None = None) -> list[Candidate]:
+    """The starting point of each family as a Candidate (what the export benches fit)."""
+    import optuna
+
+    chosen = check_families(families)
+    return [suggest_candidate(optuna.trial.FixedTrial(point), task, chosen)
+            for point in starting_points(task, chosen)]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -215,14 +312,21 @@ def evaluate_metrics(model, X: pd.DataFrame, y: pd.Series, task: str) -> dict[st
 
 
 # --------------------------------------------------------------------------- search
+TRIAL_STATUSES = ("complete", "pruned", "deadline", "error")
+
+
 @dataclass
-class CandidateScore:
+class TrialResult:
+    """One configuration's cross-validation: what the leaderboard and the trial history show."""
+
+    number: int  # the study's trial number (the order trials were asked in)
     candidate: Candidate
     metric: str
     scores: list[float]  # one per completed fold, in the metric's natural units
-    fit_seconds: float
-    stopped_early: bool = False
+    seconds: float = 0.0
+    status: str = "complete"  # complete | pruned (on early folds) | deadline | error
     error: str | None = None
+    finished_s: float = 0.0  # seconds since the search started, when this trial was told
 
     @property
     def mean(self) -> float | None:
@@ -235,37 +339,194 @@ def folds(task: str, n_folds: int, random_state: int):
     return StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=random_state)
 
 
-def cross_validate(candidate: Candidate, X: pd.DataFrame, y: pd.Series, schema: Schema,
-                   metric: str, n_folds: int, random_state: int, deadline: float) -> CandidateScore:
-    """k-fold scores of one candidate; stops between folds once the deadline has passed."""
-    result = CandidateScore(candidate, metric, [], 0.0)
+def cross_validate(number: int, candidate: Candidate, X: pd.DataFrame, y: pd.Series,
+                   schema: Schema, metric: str, n_folds: int, random_state: int,
+                   deadline: float | None, should_prune=None) -> TrialResult:
+    """k-fold scores of one configuration. After each fold `should_prune(fold, running mean)`
+    may stop a bad trial (status pruned); past `deadline` (a time.monotonic() value) it stops
+    between folds, after the first (status deadline)."""
+    # trials run side by side, one per core: one OpenMP thread each (HistGradientBoosting's
+    # default of all cores per trial oversubscribes the machine; the limit is per thread)
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return _cross_validate(number, candidate, X, y, schema, metric, n_folds, random_state,
+                               deadline, should_prune)
+
+
+def _cross_validate(number, candidate, X, y, schema, metric, n_folds, random_state, deadline,
+                    should_prune) -> TrialResult:
+    result = TrialResult(number, candidate, metric, [])
     started = time.monotonic()
-    classes = schema.classes
-    for train_idx, test_idx in folds(schema.task, n_folds, random_state).split(X, y):
-        if time.monotonic() > deadline:
-            result.stopped_early = True
+    needs_proba = METRICS[metric][1]
+    for step, (train_idx, test_idx) in enumerate(folds(schema.task, n_folds, random_state).split(X, y)):
+        if step > 0 and deadline is not None and time.monotonic() > deadline:
+            result.status = "deadline"  # (the first fold always runs: every trial has a score)
             break
         model = build_pipeline(schema, candidate.family, candidate.params, random_state)
         try:
-            model.fit(X.iloc[train_idx], y.iloc[train_idx])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(X.iloc[train_idx], y.iloc[train_idx])
             Xt, yt = X.iloc[test_idx], y.iloc[test_idx]
-            proba = model.predict_proba(Xt) if METRICS[metric][1] else None
-            pred = None if METRICS[metric][1] else model.predict(Xt)
-            result.scores.append(compute_metric(metric, yt, pred, proba, classes))
-        except Exception as exc:  # a candidate that cannot fit loses; the search goes on
-            result.error = f"{type(exc).__name__}: {exc}"
+            proba = model.predict_proba(Xt) if needs_proba else None
+            pred = None if needs_proba else model.predict(Xt)
+            result.scores.append(compute_metric(metric, yt, pred, proba, schema.classes))
+        except Exception as exc:  # a configuration that cannot fit loses; the search goes on
+            result.status, result.error = "error", f"{type(exc).__name__}: {exc}"
             break
-    result.fit_seconds = time.monotonic() - started
+        if step < n_folds - 1 and should_prune is not None and should_prune(step, result.mean):
+            result.status = "pruned"
+            break
+    result.seconds = time.monotonic() - started
     return result
 
 
-def rank(results: list[CandidateScore]) -> list[CandidateScore]:
-    """Best first; candidates with no completed fold last."""
-    scored = [r for r in results if r.mean is not None]
-    if not scored:
-        return []
-    sign = -1.0 if greater_is_better(scored[0].metric) else 1.0
-    return sorted(scored, key=lambda r: sign * r.mean)
+# metric -> the best value it can take (a search that reaches it has nothing left to find)
+OPTIMUM = {"roc_auc": 1.0, "accuracy": 1.0, "balanced_accuracy": 1.0, "f1_macro": 1.0,
+           "r2": 1.0, "log_loss": 0.0, "rmse": 0.0, "mae": 0.0}
+
+
+@dataclass
+class PlannedTrial:
+    number: int
+    candidate: Candidate
+    should_prune: Any  # callable(fold, running mean) -> bool, reports to the study
+
+
+class _Pruning:
+    """Reports a trial's running mean to its study after each fold; Optuna's MedianPruner
+    compares it with the completed trials' means at the same fold."""
+
+    def __init__(self, trial):
+        self.trial = trial
+
+    def __call__(self, step: int, value: float) -> bool:
+        self.trial.report(value, step)
+        return self.trial.should_prune()
+
+
+class Search:
+    """Optuna's ask/tell loop, without Prefect: TPE over the families' spaces, the families'
+    cheap starting points first, MedianPruner on early folds.
+
+    Trials are asked in fixed-size batches and told in trial order once the whole batch is back,
+    and the pruner only compares with trials told before the batch, so a fixed `max_trials` and
+    `random_state` give the same trials whatever order parallel trials finish in. The search
+    stops at `max_trials`, at `deadline` (budget-only runs), or once it has converged: the best
+    score reached the metric's optimum, or did not improve for `patience` trials."""
+
+    def __init__(self, task: str, metric: str, families: list[str], random_state: int,
+                 batch_size: int, max_trials: int | None, deadline: float | None,
+                 patience: int = 40, min_improvement: float = 1e-4):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.task, self.metric, self.families = task, metric, families
+        self.batch_size, self.max_trials, self.deadline = batch_size, max_trials, deadline
+        self.patience, self.min_improvement = patience, min_improvement
+        with warnings_ignored():
+            sampler = optuna.samplers.TPESampler(seed=random_state, multivariate=True, group=True,
+                                                 n_startup_trials=8)
+        self.study = optuna.create_study(
+            direction="maximize" if greater_is_better(metric) else "minimize", sampler=sampler,
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0))
+        for point in starting_points(task, families):
+            self.study.enqueue_trial(point)
+        self.results: list[TrialResult] = []
+        self.stop_reason: str | None = None
+        self.started = time.monotonic()
+        self._pending: dict[int, Any] = {}
+        self._best: float | None = None
+        self._since_best = 0
+
+    def ask(self) -> list[PlannedTrial]:
+        """The next batch (empty once the search is finished)."""
+        if self.finished():
+            return []
+        n = self.batch_size
+        if self.max_trials is not None:
+            n = min(n, self.max_trials - len(self.results))
+        planned = []
+        with warnings_ignored():
+            for _ in range(n):
+                trial = self.study.ask()
+                self._pending[trial.number] = trial
+                planned.append(PlannedTrial(trial.number,
+                                            suggest_candidate(trial, self.task, self.families),
+                                            _Pruning(trial)))
+        return planned
+
+    def tell(self, results: list[TrialResult]) -> None:
+        """Record a batch's results in trial order, whatever order they finished in."""
+        from optuna.trial import TrialState
+
+        for r in sorted(results, key=lambda r: r.number):
+            trial = self._pending.pop(r.number)
+            if r.status == "complete":
+                self.study.tell(trial, r.mean)
+            elif r.status == "pruned":
+                self.study.tell(trial, state=TrialState.PRUNED)
+            else:
+                self.study.tell(trial, state=TrialState.FAIL)
+            r.finished_s = round(time.monotonic() - self.started, 3)
+            self.results.append(r)
+            self._track(r)
+
+    def _track(self, r: TrialResult) -> None:
+        if r.status != "complete":
+            self._since_best += 1
+            return
+        better = greater_is_better(self.metric)
+        if self._best is None:
+            self._best, self._since_best = r.mean, 0
+            return
+        gain = (r.mean - self._best) if better else (self._best - r.mean)
+        if gain > self.min_improvement * max(abs(self._best), 1e-12):
+            self._best, self._since_best = r.mean, 0
+        else:
+            self._since_best += 1
+            if gain > 0:
+                self._best = r.mean
+
+    def finished(self) -> bool:
+        if self.stop_reason is None:
+            self.stop_reason = self._why_stop()
+        return self.stop_reason is not None
+
+    def _why_stop(self) -> str | None:
+        if self.max_trials is not None and len(self.results) >= self.max_trials:
+            return "max_trials"
+        if self._best is not None and self._best == OPTIMUM[self.metric]:
+            return "converged"
+        if self._best is not None and self._since_best >= self.patience:
+            return "converged"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "budget"
+        return None
+
+    @property
+    def seconds(self) -> float:
+        return round(time.monotonic() - self.started, 3)
+
+    def ranked(self) -> list[TrialResult]:
+        """Completed trials best first; then, best first, trials the deadline cut after at least
+        one fold (a budget too short for any full trial still yields a model); then pruned and
+        failed ones, in trial order."""
+        sign = -1.0 if greater_is_better(self.metric) else 1.0
+
+        def best_first(status: str) -> list[TrialResult]:
+            return sorted((r for r in self.results if r.status == status and r.scores),
+                          key=lambda r: (sign * r.mean, r.number))
+
+        first = best_first("complete") + best_first("deadline")
+        return first + [r for r in self.results if r not in first]
+
+
+@contextlib.contextmanager
+def warnings_ignored():
+    """Optuna flags multivariate TPE as experimental; the warning tells a user nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def permutation_importance_by_column(model, X: pd.DataFrame, y: pd.Series, task: str,
@@ -281,10 +542,3 @@ def permutation_importance_by_column(model, X: pd.DataFrame, y: pd.Series, task:
     total = raw.sum()
     weights = raw / total if total > 0 else np.full(len(raw), 1 / len(raw))
     return {str(c): float(w) for c, w in zip(X.columns, weights)}
-
-
-def merge_rounds(first: list[CandidateScore], second: list[CandidateScore]) -> list[CandidateScore]:
-    """Successive halving's ranking: finalists (scored on all rows) ahead of the rest."""
-    finalists = rank(second)
-    done = {r.candidate.label for r in finalists}
-    return finalists + [r for r in rank(first) if r.candidate.label not in done]

@@ -37,7 +37,7 @@ from tasks.routing import assign_arms
 from tests.test_ab_store import shared_postgres_url
 
 MODEL, OTHER = "churn_ab", "churn_ab_other"
-FAST = dict(time_budget_s=5, candidates=["linear"])
+FAST = dict(time_budget_s=5, candidates=["linear"], max_trials=1)
 
 
 # --------------------------------------------------------------------------- fixtures

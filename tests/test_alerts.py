@@ -142,7 +142,8 @@ def churn(tmp_path_factory):
     patch.setenv("MLOPS_HOME", str(home / "state"))
     try:
         rows = churn_frame().sample(800, random_state=2).reset_index(drop=True)
-        train_model(rows.iloc[:450], "churn", MODEL, time_budget_s=5, candidates=["linear"])
+        train_model(rows.iloc[:450], "churn", MODEL, time_budget_s=5, candidates=["linear"],
+                    max_trials=1)
         calm = rows.iloc[450:].reset_index(drop=True)
         drifted = home / "drifted.csv"
         drifted_batch(calm).to_csv(drifted, index=False)

@@ -20,7 +20,7 @@ from tasks.errors import InvalidModelNameError, ModelNotFoundError
 from tasks.registry import mlflow_client
 from tests.test_registry import log_tiny_model
 
-FAST = dict(time_budget_s=5, candidates=["linear"])
+FAST = dict(time_budget_s=5, candidates=["linear"], max_trials=1)
 
 
 def local(uri: str) -> Path:

@@ -9,7 +9,7 @@ from tasks.demo_data import churn_frame
 from tasks.errors import ConfigurationError, DataError, InvalidModelNameError
 from tasks.registry import mlflow_client
 
-FAST = dict(time_budget_s=5, candidates=["linear"])
+FAST = dict(time_budget_s=5, candidates=["linear"], max_trials=1)
 
 
 @pytest.fixture(scope="module")

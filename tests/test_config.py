@@ -118,7 +118,7 @@ def test_a_flow_with_an_invalid_mlflow_config_fails_instead_of_using_a_throwaway
     corrupt(MLflowConfig, DEFAULT_DOCUMENT, {"tracking_uri": 5000})
     with pytest.raises(ConfigurationError, match="MLflowConfig block document 'default'.*tracking_uri"):
         train_model(churn_frame().iloc[:600], "churn", "not_here", candidates=["linear"],
-                    time_budget_s=3)
+                    time_budget_s=3, max_trials=1)
     embedded = MlflowClient(tracking_uri=f"sqlite:///{state_dir / 'mlflow.db'}")
     assert embedded.search_registered_models() == []
 
@@ -150,7 +150,7 @@ def block_loads(flow_run_id) -> int:
 def test_a_flow_run_reads_the_mlflow_config_from_the_prefect_api_once(saved, state_dir):
     saved(MLflowConfig.embedded())
     state = train_model(churn_frame().iloc[:1500], "churn", "once", candidates=["linear"],
-                        time_budget_s=3, return_state=True)
+                        time_budget_s=3, max_trials=1, return_state=True)
     assert state.is_completed()
     assert block_loads(state.state_details.flow_run_id) == 1  # 4 before: one per mlflow_client()
 
@@ -249,7 +249,7 @@ def test_the_pmml_exporters_java_processes_do_not_see_the_mlflow_password(
     config.username, config.password = "alice", SECRET
     saved(config)
     train_model(churn_frame().iloc[:1500], "churn", "pmml_env", candidates=["linear"],
-                time_budget_s=3)
+                time_budget_s=3, max_trials=1)
     report = export_model("pmml_env", formats=["pmml"])
     assert report.result("pmml").status == "ok", report.result("pmml").reason
 

@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - with tests/__init__.py
     from tests.conftest import free_port
 
 MODEL = "churn_drift"
-FAST = dict(time_budget_s=5, candidates=["linear"])
+FAST = dict(time_budget_s=5, candidates=["linear"], max_trials=1)
 
 
 @dataclass

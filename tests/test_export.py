@@ -37,7 +37,7 @@ try:  # tests/ is a rootdir-relative folder unless someone adds tests/__init__.p
 except ImportError:  # pragma: no cover - with tests/__init__.py
     from tests.conftest import free_port
 
-FAST = dict(time_budget_s=5)
+FAST = dict(time_budget_s=5, max_trials=1)
 
 
 @dataclass

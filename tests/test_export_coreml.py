@@ -504,7 +504,8 @@ def test_export_model_flow_publishes_core_ml_with_an_honest_report(state_dir):
     from flows.training import train_model
 
     frame = churn_frame().sample(1200, random_state=8).reset_index(drop=True)
-    trained = train_model(frame, "churn", "customer_churn", time_budget_s=6, candidates=["linear"])
+    trained = train_model(frame, "churn", "customer_churn", time_budget_s=6, candidates=["linear"],
+                          max_trials=1)
     report = export_model("customer_churn", "champion", formats=["coreml"])
     r = report.result("coreml")
     assert r.status == "ok", r.reason

@@ -23,7 +23,7 @@ from tasks.demo_data import churn_frame
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
 FORMATS = ["onnx", "pmml", "tflite", "coreml"]
-FAMILIES = ["linear", "random_forest", "hist_gradient_boosting"]
+FAMILIES = ["linear", "random_forest", "extra_trees", "hist_gradient_boosting"]
 ROWS = 400
 # name: (table, target, family): binary churn for every family on both tables, and a regressor
 CASES = {
@@ -65,7 +65,8 @@ def models(tmp_path_factory) -> dict[str, Trained]:
         for name, (table, target, family) in CASES.items():
             other = "monthly_charges" if target == "churn" else "churn"
             frame = frames[table].drop(columns=[other])
-            result = train_model(frame, target, name, candidates=[family], time_budget_s=3)
+            result = train_model(frame, target, name, candidates=[family], time_budget_s=3,
+                                 max_trials=1)
             assert result.family == family and result.aliases == ["champion"]
             trained[name] = Trained(name, result.task, frame)
         yield trained

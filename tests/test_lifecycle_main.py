@@ -25,7 +25,8 @@ def test_the_demo_uses_embedded_defaults_and_keeps_library_chatter_in_its_log(tm
            "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",  # nobody listens there
            "PREFECT_LOGGING_LEVEL": "INFO"}
     done = subprocess.run([sys.executable, "-m", "flows.lifecycle", "--until", "train",
-                           "--budget", "2"], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                           "--budget", "2",
+                           "--max-trials", "2"], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout.splitlines()

@@ -35,7 +35,7 @@ from tasks.demo_data import churn_frame
 from tests.conftest import free_port, require_postgres
 from tests.servers import log_tail, stop_process_group
 
-FAST = dict(time_budget_s=8, candidates=["linear", "random_forest"])
+FAST = dict(time_budget_s=8, candidates=["linear", "random_forest"], max_trials=2)
 SERVER_START_TIMEOUT_S = 180  # cold start is ~15 s idle here, much more on a loaded 2-CPU box
 MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
 

@@ -158,7 +158,7 @@ def test_bad_registry_input_is_refused_and_changes_nothing(state_dir, call, erro
 
 def test_compare_versions_on_the_same_rows(state_dir, tmp_path):
     churn = churn_frame().sample(2400, random_state=3).reset_index(drop=True)
-    fast = dict(time_budget_s=8, candidates=["linear"])
+    fast = dict(time_budget_s=8, candidates=["linear"], max_trials=1)
     train_model(churn.iloc[:700], "churn", "c", **fast)
     train_model(churn.iloc[:1400], "churn", "c", **fast)
     eval_path = tmp_path / "eval.csv"
@@ -208,7 +208,7 @@ def test_keep_versions_from_the_saved_mlflow_config_block_is_honoured(state_dir)
 
 def test_the_newest_champion_export_survives_retention(state_dir):
     churn = churn_frame().sample(900, random_state=5).reset_index(drop=True)
-    fast = dict(time_budget_s=3, candidates=["linear"])
+    fast = dict(time_budget_s=3, candidates=["linear"], max_trials=1)
     train_model(churn.iloc[:400], "churn", "c", promote="always", **fast)  # v1 champion
     export_model("c", "champion", formats=["onnx"])  # devices now run v1
     client = mlflow_client()

@@ -70,7 +70,7 @@ def base(tmp_path_factory):
         old_path = folder / "old.csv"
         old.to_csv(old_path, index=False)
         trained = train_model(str(old_path), "churn", "rt_base", time_budget_s=BUDGET,
-                              candidates=["linear"])
+                              candidates=["linear"], max_trials=1)
         yield Base(trained.model_uri, trained.run_id, old, frame.iloc[300:].reset_index(drop=True),
                    folder)
     finally:
@@ -88,7 +88,7 @@ def model(base, request):
 
 
 def save_policy(name: str, **settings) -> None:
-    defaults = dict(min_new_rows=100, cooldown_hours=0, time_budget_s=BUDGET)
+    defaults = dict(min_new_rows=100, cooldown_hours=0, time_budget_s=BUDGET, max_trials=2)
     RetrainingPolicy(**{**defaults, **settings}).save(document_name(name), overwrite=True)
 
 
@@ -395,7 +395,8 @@ def test_summer_rows_given_to_a_winter_model_report_their_drift_beside_the_falle
     energy_demand("winter", 400, seed=1).to_csv(winter, index=False)
     energy_demand("summer", 300, seed=2).to_csv(summer, index=False)
     name = "rt_energy_demand"
-    train_model(str(winter), "demand", name, time_budget_s=BUDGET, candidates=["linear"])
+    train_model(str(winter), "demand", name, time_budget_s=BUDGET, candidates=["linear"],
+                max_trials=1)
     save_policy(name, max_model_age_days=1e-6)  # the age trigger fires too
 
     decision = should_retrain(name, str(summer), "demand")
@@ -447,6 +448,7 @@ def test_lifecycle_step_shows_the_decision_and_the_gate(base, model):
         model_name: str
         data: dict
         budget_s: float = BUDGET
+        max_trials: int | None = 2
 
         def say(self, line: str) -> None:
             lines.append(line)
@@ -471,7 +473,8 @@ def test_a_regression_model_is_gated_on_its_lower_is_better_metric(tmp_path):
     frame.iloc[:120].to_csv(old, index=False)
     frame.to_csv(labelled, index=False)
     name = "rt_diabetes"
-    first = train_model(str(old), "target", name, time_budget_s=BUDGET, candidates=["linear"])
+    first = train_model(str(old), "target", name, time_budget_s=BUDGET, candidates=["linear"],
+                        max_trials=1)
     assert first.metric == "rmse"
     save_policy(name, min_new_rows=100)
     result = retrain_model(name, str(labelled), "target")

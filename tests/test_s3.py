@@ -31,7 +31,7 @@ from tasks.registry import mlflow_client
 from tests.conftest import free_port
 from tests.servers import log_tail, stop_process_group
 
-FAST = dict(time_budget_s=8, candidates=["linear", "random_forest"])
+FAST = dict(time_budget_s=8, candidates=["linear", "random_forest"], max_trials=2)
 SERVER_START_TIMEOUT_S = 60
 MOTO_BIN = Path(sys.executable).parent / "moto_server"
 ACCESS_KEY, SECRET_KEY, REGION = "mlops-test", "mlops-test-secret", "us-east-1"

@@ -1,4 +1,7 @@
-"""train_model against a real Prefect API and the embedded MLflow store."""
+"""train_model against a real Prefect API and the embedded MLflow store.
+
+Tests whose subject is not the search pass a small max_trials (the search's first trials); only
+the search's own tests at the end spend a time budget."""
 from __future__ import annotations
 
 
@@ -6,14 +9,17 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.datasets import load_diabetes, load_iris
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from sklearn.datasets import load_diabetes, load_iris, make_classification
 
-from flows.training import train_model
+from flows.training import SEARCH_SHARE, train_model
 from tasks.demo_data import churn_frame
+from tasks.errors import ConfigurationError
 from tasks.registry import alias_map, mlflow_client, read_alias_history
 from tasks.training import load_artifact_json
 
-FAST = dict(time_budget_s=10, candidates=["linear", "random_forest"])
+FAST = dict(time_budget_s=10, candidates=["linear", "random_forest"], max_trials=2)
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +90,32 @@ def test_changed_input_schema_bumps_the_major_version(state_dir, churn):
     assert narrower.semver == "2.0.0"
 
 
-def test_all_three_families_compete_and_the_leaderboard_is_ranked(state_dir, churn):
-    result = train_model(churn, "churn", "customer_churn", time_budget_s=25)
-    families = {row["family"] for row in result.leaderboard}
-    assert families == {"linear", "random_forest", "hist_gradient_boosting"}
-    finalists = [row["roc_auc"] for row in result.leaderboard if row["folds"] == 5]
-    assert finalists and finalists == sorted(finalists, reverse=True)
+def test_every_family_competes_and_the_history_is_in_mlflow_and_prefect(state_dir, churn):
+    result = train_model(churn, "churn", "every_family", max_trials=4)
+    # the search's first trials are each family's cheap starting point
+    assert {row["family"] for row in result.leaderboard} == {
+        "linear", "random_forest", "extra_trees", "hist_gradient_boosting"}
+    complete = [row["roc_auc"] for row in result.leaderboard if row["status"] == "complete"]
+    assert complete and complete == sorted(complete, reverse=True)
     assert result.family == result.leaderboard[0]["family"]
+    assert result.cv_score == pytest.approx(result.leaderboard[0]["roc_auc"], abs=1e-6)
+    assert result.search.trials == 4 and result.search.stop_reason == "max_trials"
+
+    # MLflow: one row per trial (params, folds, score, seconds, status) and the progress plot
+    history = load_artifact_json(result.run_id, "trials.json")
+    frame = pd.DataFrame(history["data"], columns=history["columns"])
+    assert list(frame["trial"]) == [0, 1, 2, 3]
+    assert {"params", "folds", "roc_auc", "seconds", "status"} <= set(frame.columns)
+    artifacts = {f.path for f in mlflow_client().list_artifacts(result.run_id, "mlops")}
+    assert "mlops/search_progress.png" in artifacts
+    tags = mlflow_client().get_run(result.run_id).data.tags
+    assert tags["mlops.search_stop"] == "max_trials" and "4 trials" in tags["mlops.search"]
+    # Prefect: the same rows in the table artifact, the stop reason in its description
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-every-family"])))
+    assert found and "stopped after max_trials=4" in found[-1].description
+    assert "extra_trees" in str(found[-1].data)
 
 
 def test_regression_on_a_parquet_file(state_dir, tmp_path):
@@ -115,11 +140,78 @@ def test_multiclass_with_a_categorical_column_and_missing_values(state_dir):
     assert set(model.predict(iris.drop(columns=["target"]))) <= {"setosa", "versicolor", "virginica"}
 
 
-def test_time_budget_bounds_search_and_refit(state_dir, churn):
-    big = pd.concat([churn] * 4, ignore_index=True)
-    result = train_model(big, "churn", "customer_churn", time_budget_s=6)
-    # the deadline cut the search short (unbounded, it runs every candidate for 3 + 5 folds) ...
-    assert any(row["folds"] < 5 for row in result.leaderboard) or len(result.leaderboard) < 6
-    # ... and the budget holds up to one fold of the slowest candidate plus the refit and logging
-    # (loose: the shared 2-core machine is often busy; an ignored budget takes minutes here)
-    assert result.duration_s < 6 + 40
+# --------------------------------------------------------------------------- the search itself
+def hard_binary(n: int = 3000) -> pd.DataFrame:
+    """Noisy data no configuration masters quickly: the search has something left to find."""
+    X, y = make_classification(n_samples=n, n_features=25, n_informative=8, flip_y=0.15,
+                               class_sep=0.6, random_state=3)
+    frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(X.shape[1])])
+    frame["label"] = np.where(y == 1, "yes", "no")
+    return frame
+
+
+def test_a_search_that_has_not_converged_uses_its_budget(state_dir):
+    budget = 8
+    result = train_model(hard_binary(), "label", "hard", time_budget_s=budget)
+    search = result.search
+    assert search.stop_reason == "budget" and search.budget_s == pytest.approx(budget * SEARCH_SHARE)
+    # at least 80 % of the search's share is spent searching ...
+    assert search.seconds >= 0.8 * search.budget_s, search
+    # ... and no more than the share plus the fold a trial was in when the deadline passed
+    # (trials stop between folds; the refit, holdout and logging come after and are not cut)
+    longest_fold = max(row["seconds"] / max(row["folds"], 1) for row in result.leaderboard)
+    assert search.seconds <= search.budget_s + longest_fold + 1.0, (search, longest_fold)
+
+
+def test_a_budget_too_short_for_a_full_trial_still_yields_a_model(state_dir):
+    result = train_model(hard_binary(), "label", "tiny", time_budget_s=0.5)
+    assert result.search.stop_reason == "budget" and result.version == 1
+    best = result.leaderboard[0]
+    assert best["status"] in ("complete", "deadline") and best["folds"] >= 1
+    assert result.family == best["family"] and 0.5 < result.score <= 1.0
+
+
+def test_a_converged_search_stops_early_and_says_so(state_dir):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=300)
+    frame = pd.DataFrame({"x": x, "noise": rng.normal(size=300), "label": np.where(x > 0, "a", "b")})
+    result = train_model(frame, "label", "easy", time_budget_s=60)
+    search = result.search
+    assert search.stop_reason == "converged" and "converged" in search.describe()
+    assert search.seconds < 0.5 * search.budget_s  # it did not wait for its 42 s
+    assert result.cv_score == 1.0
+    tags = mlflow_client().get_run(result.run_id).data.tags
+    assert tags["mlops.search_stop"] == "converged"
+
+
+def test_max_trials_gives_the_same_model_twice_and_records_pruned_trials(state_dir, churn):
+    runs = [train_model(churn.iloc[:800], "churn", "twice", max_trials=10, random_state=7)
+            for _ in range(2)]
+    first, second = runs
+    assert first.search.trials == second.search.trials == 10
+    assert first.search.stop_reason == "max_trials"
+    key = [(r["trial"], r["candidate"], r["status"], r["roc_auc"]) for r in first.leaderboard]
+    assert key == [(r["trial"], r["candidate"], r["status"], r["roc_auc"]) for r in second.leaderboard]
+    assert first.leaderboard[0]["params"] == second.leaderboard[0]["params"]
+    assert first.score == second.score
+
+    # bad trials were pruned on early folds, and are recorded so (not as complete ones)
+    pruned = [r for r in first.leaderboard if r["status"] == "pruned"]
+    assert pruned and all(1 <= r["folds"] < 5 for r in pruned)
+    assert first.search.pruned == len(pruned)
+    history = load_artifact_json(first.run_id, "trials.json")
+    statuses = dict(zip(history["columns"], zip(*history["data"])))["status"]
+    assert statuses.count("pruned") == len(pruned)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_trials=0), "max_trials must be a positive number of trials, got 0"),
+    (dict(max_trials=-3), "max_trials must be a positive number of trials, got -3"),
+    (dict(candidates=["xgboost"]), r"unknown candidate families \['xgboost'\]"),
+    (dict(candidates=["linear", "svm"]), r"unknown candidate families \['svm'\]"),
+])
+def test_bad_search_settings_are_refused_before_anything_is_trained(state_dir, churn, kwargs,
+                                                                    message):
+    with pytest.raises(ConfigurationError, match=message):
+        train_model(churn.iloc[:300], "churn", "refused", **kwargs)
+    assert mlflow_client().search_registered_models() == []
