@@ -30,7 +30,12 @@ class RegisterRequest(BaseModel):
                                                "s3:// URI, read by the service or the worker).")
     target: str | None = Field(None, description="Column to predict (with data).")
     time_budget_s: float | None = Field(None, gt=0, le=86_400, description="With data.")
-    candidates: list[Literal["linear", "random_forest", "hist_gradient_boosting"]] | None = None
+    candidates: list[Literal["linear", "random_forest", "extra_trees",
+                             "hist_gradient_boosting"]] | None = Field(
+        None, description="With data: the model families to search (default: all).")
+    max_trials: int | None = Field(None, ge=1, le=10_000, description=(
+        "With data: stop after this many trials (same data and random_state: same result); "
+        "default: the search runs until its share of time_budget_s is spent."))
 
     def check_sources(self) -> None:
         given = [n for n in ("run_id", "model_uri", "data") if getattr(self, n)]
@@ -69,6 +74,8 @@ def register(body: RegisterRequest, request: Request, response: Response,
             params["time_budget_s"] = body.time_budget_s
         if body.candidates:
             params["candidates"] = body.candidates
+        if body.max_trials is not None:
+            params["max_trials"] = body.max_trials
         validate_model_name(body.model_name)
         return accepted(request, response, train_model, params, key)
     model_uri, run_id = body.model_uri, body.run_id

@@ -21,8 +21,8 @@ MODEL = "churn_life"
 def world(tmp_path_factory, mlflow_template_db):
     with api_world(tmp_path_factory, mlflow_template_db, "api-lifecycle") as world:
         churn = churn_frame().sample(2400, random_state=8).reset_index(drop=True)
-        train_model(churn.iloc[:600], "churn", MODEL, **FAST, max_trials=1)
-        train_model(churn.iloc[:1200], "churn", MODEL, **FAST, max_trials=1)
+        train_model(churn.iloc[:600], "churn", MODEL, **FAST)
+        train_model(churn.iloc[:1200], "churn", MODEL, **FAST)
         world.labelled = world.home / "labelled.csv"
         churn.to_csv(world.labelled, index=False)
         yield world

@@ -95,7 +95,7 @@ def test_the_guides_three_curls_on_the_stack(stack, churn_csv):
     # v2: trained by the worker (a run of train-model/default), its result read back
     accepted = httpx.post(f"{stack.api_url}/api/v1/mlops/models/register", headers=headers,
                           json={"model_name": MODEL, "data": str(churn_csv), "target": "churn",
-                                "time_budget_s": 4, "candidates": ["linear"]}, timeout=60)
+                                "time_budget_s": 4, "candidates": ["linear"], "max_trials": 1}, timeout=60)
     assert accepted.status_code == 202, accepted.text
     assert accepted.json()["deployment"] == "train-model/default"
     status = wait_run(stack, accepted.json())
