@@ -100,7 +100,7 @@ def setup(rows: int = 2000):
     half = rows // 2
     for part, promote in ((data.iloc[:half], "auto"), (data.iloc[half:], "never")):
         train_model(part, "churn", MODEL, time_budget_s=8,
-                    candidates=["hist_gradient_boosting"], promote=promote)
+                    candidates=["hist_gradient_boosting"], promote=promote, max_trials=4)
     for version in (1, 2):
         export_model(MODEL, version, formats=["onnx"])
     test_id = create_ab_test(MODEL, 1, 2, traffic_split=0.5)

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - with tests/__init__.py
     from tests.conftest import free_port
 
 CLS, REG = "loop_churn", "loop_charges"
-FAST = dict(time_budget_s=4, candidates=["linear"])
+FAST = dict(time_budget_s=4, candidates=["linear"], max_trials=1)
 
 
 @dataclass
@@ -109,7 +109,8 @@ def test_an_empty_served_window_is_refused_before_anything_is_recorded(loop):
 
 
 def test_gauges_and_counter_equal_what_the_flows_recorded(loop):
-    retrained = retrain_model(CLS, str(loop.labelled), "churn", reason="test", time_budget_s=3)
+    retrained = retrain_model(CLS, str(loop.labelled), "churn", reason="test", time_budget_s=3,
+                              max_trials=1)
     drift = check_drift(CLS, str(loop.evaluation))            # the champion after retraining
     quality = evaluate_production(CLS, str(loop.evaluation), "churn")
     regression = evaluate_production(REG, str(loop.evaluation), "monthly_charges")
