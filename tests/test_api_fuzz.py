@@ -36,7 +36,12 @@ CHECKS = [not_an_undocumented_server_error, checks.status_code_conformance,
 _KEYS = KeyFile(Path(tempfile.mkdtemp(prefix="api-fuzz-keys-")) / "keys.json")
 ADMIN_KEY = _KEYS.create("fuzz", ["admin"])[0]
 APP = create_app(APISettings(keys_file=str(_KEYS.path), key_cache_seconds=0.3))
-schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+# The schema comes from the app object, not over ASGI: loading it with `from_asgi` would run the
+# app's start-up (serving cache, sampler, /metrics figures) at collection time, before the test
+# state and the Prefect API exist, in every xdist worker at once on one default store.
+schema = schemathesis.openapi.from_dict(APP.openapi())
+schema.app = APP  # the calls go to the app in process, as with from_asgi
+schema.location = "/openapi.json"
 
 
 @pytest.fixture(scope="module", autouse=True)
