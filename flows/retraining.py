@@ -27,8 +27,8 @@ from flows.parameters import DataRef, data_flow
 from flows.training import train_model
 from tasks.alerts import dispatch, retraining_alert
 from tasks.events import emit_model_event
-from tasks.registry import (alias_map, clear_pending_approval, mark_pending_approval,
-                            mlflow_client, model_slug, validate_model_name)
+from tasks.registry import (alias_map, clear_pending_approval, get_registered_model,
+                            mark_pending_approval, mlflow_client, model_slug, validate_model_name)
 from tasks.retraining import (RetrainingInProgressError, active_ab_tests, data_drift, find_unseen,
                               history_table, hours_since_last, keep_as_challenger,
                               latest_drift, load_champion, load_history, load_labelled, mark_seen,
@@ -148,8 +148,9 @@ def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "ma
     settings = _policy(model_name, policy)
     monitoring = resolve_monitoring_policy(settings.monitoring_policy)
     monitoring.check_channels()
+    get_registered_model(mlflow_client(), model_name)  # an unknown model is refused here
     with retraining_slot(model_name):
-        # a promotion left unverified by a run that died is undone before anything else
+        # a promotion left unverified by a run that died is undone before the champion is read
         undo_interrupted_promotion(model_name)
         champion = load_champion(model_name)
         result = RetrainResult(model_name=model_name, trigger=trigger, reason=reason,

@@ -29,8 +29,8 @@ from tasks.data import LoadedData, frame_sha256, load_labelled_table
 from tasks.drift import ProfileNotFoundError, build_drift_report, read_reference
 from tasks.drift_metrics import DriftInputError
 from tasks.errors import DataError, MlopsError, RegistryError
-from tasks.registry import (alias_map, mlflow_client, model_slug, move_alias, promote,
-                            resolve_version)
+from tasks.registry import (alias_map, get_registered_model, mlflow_client, model_slug,
+                            move_alias, promote, resolve_version)
 from tasks.retraining_rules import RetrainResult, gate_split, unseen_mask
 from tasks.training import SEEN_ROWS_NAME, load_artifact_json
 from tasks.training_search import DEFAULT_METRIC, Schema, row_hashes
@@ -377,7 +377,7 @@ PROMOTION_INTENT_TAG = "mlops.promotion_intent"
 
 
 def read_promotion_intent(client, model_name: str) -> dict[str, Any] | None:
-    raw = (client.get_registered_model(model_name).tags or {}).get(PROMOTION_INTENT_TAG)
+    raw = (get_registered_model(client, model_name).tags or {}).get(PROMOTION_INTENT_TAG)
     try:
         return json.loads(raw) if raw else None
     except ValueError:
