@@ -1,9 +1,10 @@
 """Drift detection and production monitoring (docs/python-api.md): check_drift, evaluate_production,
 profile_model. The MLOps deployment guide's `get_drift_score` / `get_performance_metrics` and its alerts.
 
-check_drift reads only the version's stored profile (never the training data): load the policy →
-read the reference → load the batch → compare → record in MLflow (+ plot) → publish to the UI →
-event when drifted → alert above the alert threshold. Bad input raises before anything is recorded.
+check_drift reads only the version's stored profile (never the training data): load the policy,
+the reference and the batch → compare (the MLflow run opens meanwhile) → record in MLflow (+ plot)
+while the alert (above the alert threshold) goes out and the UI artifacts are written → event
+when drifted. Bad input raises and leaves nothing recorded.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from blocks.monitoring import MonitoringPolicy, resolve_monitoring_policy
 from flows.parameters import DataRef, data_flow
 from tasks.alerts import dispatch, drift_alert, performance_alert
 from tasks.drift import (DriftReport, FeatureDrift, PerformanceReport, ProfileInfo,
-                         ProfileNotFoundError, compare_batch, elapsed, evaluate_batch,
-                         load_batch, load_reference, publish_drift, publish_evaluation,
-                         record_drift_check, record_evaluation, store_profile)
+                         ProfileNotFoundError, compare_batch, discard_run, drift_links, elapsed,
+                         evaluate_batch, load_batch, load_reference, open_drift_run,
+                         publish_drift, publish_evaluation, record_drift_check,
+                         record_evaluation, store_profile)
 from tasks.events import emit_model_event
 from tasks.registry import validate_model_name
 
@@ -61,21 +63,29 @@ def check_drift(model_name: str, data: DataRef, version: int | str = "champion",
     batch = load_batch.submit(data)
     settings = _policy(policy)
     reference = reference.result()
-    report = compare_batch(reference, batch.result(), settings)
+    run = open_drift_run.submit(reference)  # the MLflow run is created while the comparison runs
+    try:
+        report = compare_batch(reference, batch.result(), settings)
+    except BaseException:
+        discard_run(reference, run)  # a check that could not be made leaves no run behind
+        raise
 
-    recorded = record_drift_check(report, reference)
+    recorded = drift_links(run.result(), reference, report)
     report.run_id, report.plot_uri = recorded.run_id, recorded.plot_uri
-    if report.drifted:
-        emit_model_event(model_name, DRIFT_EVENT, {
-            "version": report.version, "score": report.score, "threshold": report.threshold,
-            "drifted_features": report.drifted_features, "data_ref": report.data_ref,
-            "run_id": report.run_id})
+    # MLflow is filled while the alert goes out and the Prefect artifacts are written
+    recording = record_drift_check.submit(report.model_copy(deep=True), reference, run)
     alert = drift_alert(model_name, report.version, report.score, report.drifted_features,
                         settings, report.data_ref, recorded.run_url or recorded.plot_uri)
     report.alerted = alert is not None
     report.alerts_sent, report.alert_errors = dispatch(alert, settings)
-    report.duration_s = elapsed(started)
     publish_drift(report, recorded)
+    recording.result()
+    if report.drifted:  # after the run is complete: what reacts to the event reads it
+        emit_model_event(model_name, DRIFT_EVENT, {
+            "version": report.version, "score": report.score, "threshold": report.threshold,
+            "drifted_features": report.drifted_features, "data_ref": report.data_ref,
+            "run_id": report.run_id})
+    report.duration_s = elapsed(started)
     get_run_logger().info("%s v%s: drift score %.3f (threshold %.2f) -> %s; drifted: %s",
                           model_name, report.version, report.score, report.threshold,
                           "DRIFTED" if report.drifted else "not drifted",

@@ -31,10 +31,11 @@ import math
 import re
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -231,13 +232,19 @@ def read_reference(model_name: str, version: int | str, need_profile: bool = Tru
             "before profiles were stored, or outside train_model); create one from the data it "
             f"was trained on: profile_model({model_name!r}, {number}, data=<training data path, "
             "URI or DataFrame>)")
-    profile = _download_json(profile_run, PROFILE_NAME) if profile_run and read_profile else None
-    importances = None
-    for run, files in ((profile_run, profile_files), (version_run, run_files)):
-        if run and IMPORTANCES_NAME in files:
-            importances = {str(k): float(v) for k, v in _download_json(run, IMPORTANCES_NAME).items()}
-            break
-    schema = _download_json(version_run, SCHEMA_NAME) if SCHEMA_NAME in run_files else None
+    # the documents are read at the same time: each is a round trip to the artifact store
+    importances_run = next((run for run, files in ((profile_run, profile_files),
+                                                   (version_run, run_files))
+                            if run and IMPORTANCES_NAME in files), None)
+    wanted = {"profile": (profile_run, PROFILE_NAME) if profile_run and read_profile else None,
+              "importances": (importances_run, IMPORTANCES_NAME) if importances_run else None,
+              "schema": (version_run, SCHEMA_NAME) if SCHEMA_NAME in run_files else None}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {key: pool.submit(_download_json, *where) for key, where in wanted.items() if where}
+        documents = {key: future.result() for key, future in futures.items()}
+    profile, schema = documents.get("profile"), documents.get("schema")
+    importances = ({str(k): float(v) for k, v in documents["importances"].items()}
+                   if "importances" in documents else None)
     found = version_run or profile_run
     experiment_id = found.info.experiment_id if found else None
     run_metrics = dict(version_run.data.metrics) if version_run else None
@@ -556,43 +563,100 @@ class Recorded:
     run_url: str | None
 
 
-def _log_run(reference: Reference, run_name: str, tags: dict[str, str], metrics: dict[str, float],
-             documents: dict[str, Any], files: dict[str, bytes]) -> tuple[str, str, str]:
-    """One finished MLflow run: tags, metrics, JSON documents and files (path -> bytes), the
-    documents and files uploaded together. Returns (run id, experiment id, artifact location)."""
-    from mlflow.entities import Metric
+@dataclass
+class OpenRun:
+    """An MLflow run created before what it records is known (it is filled by ``finish_run``)."""
+    run_id: str
+    experiment_id: str
+    artifact_uri: str
 
+
+def open_run(reference: Reference, run_name: str) -> OpenRun:
+    """Create a run in the version's experiment. Its tags come with ``finish_run``, so that readers
+    that find runs by ``mlops.kind`` never see one that is half written."""
     client = mlflow_client(reference.mlflow_config)
     experiment_id = _experiment_for(reference)
-    run = client.create_run(experiment_id, run_name=run_name,
-                            tags={**tags, "mlflow.note.content": tags.get("mlops.summary", "")})
-    run_id = run.info.run_id
-    try:
+    run = client.create_run(experiment_id, run_name=run_name)
+    return OpenRun(run.info.run_id, experiment_id, run.info.artifact_uri)
+
+
+def finish_run(reference: Reference, run: OpenRun, tags: dict[str, str],
+               metrics: dict[str, float], documents: dict[str, Any],
+               files: Callable[[], dict[str, bytes]] | None = None) -> None:
+    """Fill an open run and end it FINISHED (FAILED when anything fails): tags and metrics in one
+    request per 900 metrics, and, at the same time, the JSON documents and the files (path ->
+    bytes, made by ``files`` in the uploading thread: drawing a plot overlaps the metrics)."""
+    from mlflow.entities import Metric, RunTag
+
+    client = mlflow_client(reference.mlflow_config)
+    tags = {**tags, "mlflow.note.content": tags.get("mlops.summary", "")}
+
+    def log_values() -> None:
         now_ms = int(time.time() * 1000)
         items = [Metric(k, float(v), now_ms, 0) for k, v in metrics.items()
                  if v is not None and math.isfinite(float(v))]
-        for i in range(0, len(items), 900):  # MLflow caps a batch at 1000 metrics
-            client.log_batch(run_id, metrics=items[i:i + 900])
-        if documents or files:
-            with tempfile.TemporaryDirectory() as tmp:
-                for path, content in [*((p, json.dumps(d, indent=2, default=str).encode())
-                                        for p, d in documents.items()), *files.items()]:
-                    local = Path(tmp, path)
-                    local.parent.mkdir(parents=True, exist_ok=True)
-                    local.write_bytes(content)
-                client.log_artifacts(run_id, tmp)
-        client.set_terminated(run_id, "FINISHED")
+        run_tags = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, max(len(items), 1), 900):  # MLflow caps a batch at 1000 metrics
+            client.log_batch(run.run_id, metrics=items[i:i + 900], tags=run_tags if i == 0 else [])
+
+    def log_files() -> None:
+        contents = [*((p, json.dumps(d, indent=2, default=str).encode()) for p, d in documents.items()),
+                    *(files() if files else {}).items()]
+        if not contents:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for path, content in contents:
+                local = Path(tmp, path)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_bytes(content)
+            client.log_artifacts(run.run_id, tmp)
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for future in [pool.submit(log_values), pool.submit(log_files)]:
+                future.result()
+        client.set_terminated(run.run_id, "FINISHED")
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        client.set_terminated(run.run_id, "FAILED")
         raise
-    return run_id, experiment_id, run.info.artifact_uri
+
+
+def _log_run(reference: Reference, run_name: str, tags: dict[str, str], metrics: dict[str, float],
+             documents: dict[str, Any], files: dict[str, bytes]) -> tuple[str, str, str]:
+    """One finished MLflow run. Returns (run id, experiment id, artifact location)."""
+    run = open_run(reference, run_name)
+    finish_run(reference, run, tags, metrics, documents, (lambda: files) if files else None)
+    return run.run_id, run.experiment_id, run.artifact_uri
+
+
+@task(name="open-drift-run", cache_policy=NO_CACHE)
+def open_drift_run(reference: Reference) -> OpenRun:
+    """The check's MLflow run, created while the comparison runs."""
+    return open_run(reference, f"drift-{reference.model_name}-v{reference.version}")
+
+
+def discard_run(reference: Reference, opened) -> None:
+    """Delete the run opened (``opened``: its future) for a check that raised."""
+    try:
+        run = opened.result()
+    except Exception:  # the run was never created: nothing to delete (the caller re-raises)
+        return
+    mlflow_client(reference.mlflow_config).delete_run(run.run_id)
+
+
+def drift_links(run: OpenRun, reference: Reference, report: DriftReport) -> Recorded:
+    """Where the check is (or is being) recorded: the run's page and the plot's URL."""
+    config = _config(reference)
+    plot_uri = (artifact_link(run.run_id, PLOT_PATH, config, run.artifact_uri)
+                if report.features else None)
+    return Recorded(run_id=run.run_id, experiment_id=run.experiment_id, plot_uri=plot_uri,
+                    run_url=run_link(run.run_id, run.experiment_id, config))
 
 
 @task(name="record-drift-check", cache_policy=NO_CACHE)
-def record_drift_check(report: DriftReport, reference: Reference) -> Recorded:
-    """The check as an MLflow run in the model's experiment: tags, metrics, the report JSON and
-    the plot of the most drifted features (drawn from the report and the profile)."""
-    png = plot_most_drifted(report, reference.profile)
+def record_drift_check(report: DriftReport, reference: Reference, run: OpenRun) -> None:
+    """Fill the check's MLflow run: tags, metrics, the report JSON and the plot of the most
+    drifted features (drawn from the report and the profile while the metrics are sent)."""
     metrics: dict[str, float] = {
         "drift_score": report.score, "drift_threshold": report.threshold,
         "drifted": float(report.drifted), "n_drifted_features": len(report.drifted_features),
@@ -613,14 +677,13 @@ def record_drift_check(report: DriftReport, reference: Reference) -> Recorded:
         "mlops.summary": (f"drift score {report.score:.3f} (threshold {report.threshold}); "
                           f"drifted: {', '.join(report.drifted_features) or 'none'}"),
     }
-    files = {PLOT_PATH: png} if png else {}
-    run_id, experiment_id, artifact_uri = _log_run(
-        reference, f"drift-{report.model_name}-v{report.version}", tags, metrics,
-        {REPORT_PATH: json.loads(report.model_dump_json())}, files)
-    config = _config(reference)
-    plot_uri = artifact_link(run_id, PLOT_PATH, config, artifact_uri) if png else None
-    return Recorded(run_id=run_id, experiment_id=experiment_id, plot_uri=plot_uri,
-                    run_url=run_link(run_id, experiment_id, config))
+
+    def plot() -> dict[str, bytes]:
+        png = plot_most_drifted(report, reference.profile)
+        return {PLOT_PATH: png} if png else {}
+
+    finish_run(reference, run, tags, metrics, {REPORT_PATH: json.loads(report.model_dump_json())},
+               plot)
 
 
 # --------------------------------------------------------------------------- Prefect UI

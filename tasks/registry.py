@@ -148,8 +148,12 @@ def _existing_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
 
 def resolve_version(client: MlflowClient, name: str, version: int | str) -> ModelVersion:
     """A version number, a digit string, an alias (champion, challenger, Production, Staging or
-    any alias set on the model), or `models:/<name>/<version>`."""
-    get_registered_model(client, name)
+    any alias set on the model), or `models:/<name>/<version>`.
+
+    One registry read on the way to the answer (each costs a round trip to MLflow): a number reads
+    the version, an alias the registered model; the failure paths read what their message needs.
+    """
+    validate_model_name(name)
     ref = version
     if isinstance(ref, str) and ref.startswith("models:/"):
         other, _, ref = ref[len("models:/"):].partition("/")
@@ -159,16 +163,18 @@ def resolve_version(client: MlflowClient, name: str, version: int | str) -> Mode
     if isinstance(ref, str) and ref.strip().isdigit():
         ref = int(ref)
     if isinstance(ref, bool) or not isinstance(ref, (int, str)):
+        get_registered_model(client, name)  # an unknown model is the first thing to say
         raise VersionNotFoundError(f"version must be a number or an alias, not {version!r}")
     if isinstance(ref, int):
         try:
             return client.get_model_version(name, str(ref))
         except MlflowException:
+            get_registered_model(client, name)  # raises ModelNotFoundError for an unknown model
             have = [int(v.version) for v in _existing_versions(client, name)]
             raise VersionNotFoundError(
                 f"model {name!r} has no version {ref}; existing versions: {have or 'none'}") from None
     alias = ALIASES.get(ref.lower(), ref)
-    aliases = alias_map(client, name)
+    aliases = {a: int(v) for a, v in (get_registered_model(client, name).aliases or {}).items()}
     if alias not in aliases:
         raise VersionNotFoundError(
             f"model {name!r} has no version with alias {alias!r}; aliases set: "

@@ -74,10 +74,11 @@ def churn(tmp_path_factory):
         patch.undo()
 
 
-def drift_runs(kind: str = "drift-check") -> list:
+def drift_runs(kind: str | None = "drift-check") -> list:
+    """Runs of that kind (None: every run) that a user sees in MLflow (deleted ones are not)."""
     client = mlflow_client()
     ids = [e.experiment_id for e in client.search_experiments()]
-    return client.search_runs(ids, filter_string=f"tags.`mlops.kind` = '{kind}'")
+    return client.search_runs(ids, filter_string=f"tags.`mlops.kind` = '{kind}'" if kind else "")
 
 
 def read_events(name: str, model_name: str, timeout_s: float = 20.0) -> list:
@@ -255,10 +256,12 @@ def _break(frame: pd.DataFrame, how: str):
     ("all missing", DriftInputError, "'tenure' is entirely missing"),
 ])
 def test_bad_batches_are_refused_and_nothing_is_recorded(churn, how, error, message):
-    before = len(drift_runs())
+    before, every_run = len(drift_runs()), {r.info.run_id for r in drift_runs(None)}
     with pytest.raises(error, match=message):
         check_drift(MODEL, _break(churn.frame, how))
     assert len(drift_runs()) == before
+    # the run opened while the comparison ran is gone too: no empty run is left in MLflow
+    assert {r.info.run_id for r in drift_runs(None)} == every_run
 
 
 @pytest.mark.parametrize("call, error, message", [
