@@ -27,6 +27,10 @@
 #   MLOPS_LOG_LEVEL [INFO]            log level of the servers, the worker and the flow runs
 #   MLOPS_LOG_FORMAT [json]           json: the worker, its flow runs and the API log JSON lines
 #   MLOPS_PYTHON [.venv/bin/python]   the interpreter with the project's requirements
+#   MLOPS_CODE_SOURCE [checkout]      checkout: runs change to this folder (one machine); git: runs
+#                                     clone MLOPS_GIT_REPOSITORY [git remote origin] at this
+#                                     checkout's HEAD, so workers on other machines run the same
+#                                     code (README "Workers on other machines")
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -210,8 +214,28 @@ PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-1}" \
   --name "$WORKER_NAME" --type process
 
 # `prefect deploy` records the project root of this checkout in every deployment's pull step
-# (see prefect.yaml), so deploy from the root.
-if ! prefect_cli deploy --all >"$LOGS/deploy.log" 2>&1; then
+# (see prefect.yaml), so deploy from the root. With MLOPS_CODE_SOURCE=git the pull step clones the
+# repository at this checkout's commit instead (deployments/stack.py git-prefect-file).
+deploy_args=(--all)
+case "${MLOPS_CODE_SOURCE:-checkout}" in
+  checkout) ;;
+  git)
+    repository="${MLOPS_GIT_REPOSITORY:-$(git -C "$ROOT" remote get-url origin 2>/dev/null || true)}"
+    commit="$(git -C "$ROOT" rev-parse HEAD)"
+    if [ -z "$repository" ]; then
+      echo "error: MLOPS_CODE_SOURCE=git needs MLOPS_GIT_REPOSITORY (no git remote 'origin' here)" >&2
+      exit 1
+    fi
+    if [ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no)" ]; then
+      echo "warning: uncommitted changes are not deployed: runs use commit ${commit:0:12}" >&2
+    fi
+    stack git-prefect-file "$repository" "$commit" "$STACK_DIR/prefect.git.yaml" >/dev/null
+    deploy_args+=(--prefect-file "$STACK_DIR/prefect.git.yaml")
+    say "code source: $repository at ${commit:0:12} (every run clones it)"
+    ;;
+  *) echo "error: MLOPS_CODE_SOURCE must be checkout or git, not '$MLOPS_CODE_SOURCE'" >&2; exit 1 ;;
+esac
+if ! prefect_cli deploy "${deploy_args[@]}" >"$LOGS/deploy.log" 2>&1; then
   tail -n 40 "$LOGS/deploy.log" >&2
   echo "error: prefect deploy --all failed (full log: $LOGS/deploy.log)" >&2
   exit 1
