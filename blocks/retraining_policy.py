@@ -70,6 +70,11 @@ class RetrainingPolicy(Block):
         default=None, gt=0,
         description="Stop the challenger's search after this many trials, whatever time they "
                     "take (reproducible); empty: time_budget_s decides.")
+    slot_lease_s: float = Field(
+        default=600.0, ge=60, le=86400,
+        description="A retraining holds the model's one slot with a lease its run renews while "
+                    "alive; a run that died (killed worker, lost machine) frees the slot after "
+                    "this many seconds (Prefect's minimum: 60).")
     monitoring_policy: str | None = Field(
         default=None,
         description="Name of the MonitoringPolicy document whose drift threshold, degradation "

@@ -8,6 +8,8 @@
     python deployments/stack.py save-mlflow-config TRACKING_URI
     python deployments/stack.py profile-activate NAME API_URL STATEFILE
     python deployments/stack.py profile-restore STATEFILE
+    python deployments/stack.py crash-automation HEARTBEAT_SECONDS
+                                 the automation that marks runs without heartbeats Crashed
     python deployments/stack.py git-prefect-file REPOSITORY COMMIT OUT [WORK_POOL]
                                  prefect.yaml whose runs clone REPOSITORY at COMMIT (workers
                                  on other machines); WORK_POOL replaces the pool of every deployment
@@ -198,6 +200,56 @@ def save_mlflow_config(tracking_uri: str) -> None:
     print(f"MLflowConfig/{DEFAULT_DOCUMENT} -> {tracking_uri}")
 
 
+CRASH_AUTOMATION = "mlops: mark flow runs without heartbeats Crashed"
+
+
+def crash_automation(heartbeat_seconds: str) -> None:
+    """Create or update the automation that marks a flow run Crashed when its heartbeats stop.
+
+    A worker killed with its flow-run process (kill -9, a lost machine) cannot report anything:
+    without this the run stays Running forever. Runs started by a worker send a heartbeat every
+    HEARTBEAT_SECONDS (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, set on the worker by up.sh); no
+    heartbeat and no final state within three of them -> Crashed. This is the automation of
+    Prefect's guide "How to detect and respond to zombie flows".
+    """
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    from prefect.exceptions import ObjectNotFound
+
+    within = 3 * max(int(heartbeat_seconds), 30)
+    wanted = Automation(
+        name=CRASH_AUTOMATION,
+        description=f"No heartbeat and no final state for {within} s: the process running the "
+                    "flow run is gone (deployments/up.sh).",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                    "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                    "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=within)),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=f"no heartbeat for {within} s: the worker or its flow-run process died")])
+    try:
+        existing = Automation.read(name=CRASH_AUTOMATION)
+    except (ObjectNotFound, ValueError):
+        existing = None
+    if existing is None:
+        wanted.create()
+        print(f"automation {CRASH_AUTOMATION!r} created (no heartbeat for {within} s -> Crashed)")
+    else:
+        wanted.id = existing.id
+        wanted.update()
+        print(f"automation {CRASH_AUTOMATION!r} updated (no heartbeat for {within} s -> Crashed)")
+
+
 def git_prefect_file(repository: str, commit: str, out: str, work_pool: str | None = None) -> None:
     """Write OUT: prefect.yaml with a pull step that clones REPOSITORY at COMMIT.
 
@@ -316,6 +368,8 @@ def main(argv: list[str]) -> None:
         profile_activate(args[0], args[1], args[2])
     elif cmd == "profile-restore":
         profile_restore(args[0])
+    elif cmd == "crash-automation":
+        crash_automation(args[0])
     elif cmd == "git-prefect-file":
         if len(args) not in (3, 4):
             _fail("git-prefect-file REPOSITORY COMMIT OUT [WORK_POOL]")

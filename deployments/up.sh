@@ -24,6 +24,8 @@
 #                                     PREFECT_API_URL printed at the end)
 #   MLFLOW_WORKERS [1]  PREFECT_WORKER_QUERY_SECONDS [1]  MLOPS_START_TIMEOUT [180]
 #   MLOPS_API_WORKERS [2]             uvicorn workers of the REST API (/metrics sums them all)
+#   MLOPS_HEARTBEAT_SECONDS [30]      flow runs of the worker send a heartbeat this often; an
+#                                     automation marks a run Crashed after 3 missed (min 30)
 #   MLOPS_LOG_LEVEL [INFO]            log level of the servers, the worker and the flow runs
 #   MLOPS_LOG_FORMAT [json]           json: the worker, its flow runs and the API log JSON lines
 #   MLOPS_PYTHON [.venv/bin/python]   the interpreter with the project's requirements
@@ -197,6 +199,9 @@ prefect_cli block register -m blocks >"$LOGS/setup.log" 2>&1 \
 say "block types registered (prefect block register -m blocks)"
 msg=$(stack save-mlflow-config "$MLFLOW_URI")
 say "$msg"
+HEARTBEAT_S="${MLOPS_HEARTBEAT_SECONDS:-30}"
+msg=$(stack crash-automation "$HEARTBEAT_S")
+say "$msg"
 
 if out=$(prefect_cli work-pool create "$WORK_POOL" --type process 2>&1); then
   say "work pool $WORK_POOL created (process)"
@@ -209,6 +214,7 @@ fi
 
 # The worker starts now (it takes a few seconds) and is awaited after the deploy.
 PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-1}" \
+PREFECT_FLOWS_HEARTBEAT_FREQUENCY="$HEARTBEAT_S" \
   start_service worker - \
   env "${log_env[@]}" "$PY" -m prefect worker start --pool "$WORK_POOL" --work-queue "$WORK_QUEUE" \
   --name "$WORKER_NAME" --type process

@@ -149,7 +149,7 @@ def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "ma
     monitoring = resolve_monitoring_policy(settings.monitoring_policy)
     monitoring.check_channels()
     get_registered_model(mlflow_client(), model_name)  # an unknown model is refused here
-    with retraining_slot(model_name):
+    with retraining_slot(model_name, settings.slot_lease_s):
         # a promotion left unverified by a run that died is undone before the champion is read
         undo_interrupted_promotion(model_name)
         champion = load_champion(model_name)

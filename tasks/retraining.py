@@ -39,7 +39,7 @@ HISTORY_KIND = "retraining"
 RESULT_TAG = "mlops.retrain_result"
 MIN_GATE_ROWS = 20         # fewer unseen rows in the gate than this cannot judge anything
 MIN_EVAL_ROWS = 30         # unseen rows needed to measure the production metric
-SLOT_LEASE_S = 600         # a crashed retraining frees its model's slot after this
+SLOT_LEASE_S = 600         # default RetrainingPolicy.slot_lease_s
 MAX_NAMED_FEATURES = 4     # drifted features named in a data drift reason
 
 
@@ -339,10 +339,11 @@ def check_slot_free(model_name: str) -> None:
 
 
 @contextmanager
-def retraining_slot(model_name: str) -> Iterator[str]:
+def retraining_slot(model_name: str, lease_s: float = SLOT_LEASE_S) -> Iterator[str]:
     """Hold the model's strict global concurrency limit (1 slot) or refuse at once.
 
-    The limit is created on first use; a crashed holder's lease expires after SLOT_LEASE_S.
+    The limit is created on first use. The holder's client renews the lease while it lives; a
+    holder that died (kill -9, lost machine) frees the slot when ``lease_s`` has passed.
     """
     from prefect.client.orchestration import get_client
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
@@ -358,7 +359,7 @@ def retraining_slot(model_name: str) -> Iterator[str]:
     with ExitStack() as held:
         try:
             held.enter_context(concurrency(name, occupy=1, max_retries=0, strict=True,
-                                           lease_duration=SLOT_LEASE_S))
+                                           lease_duration=lease_s))
         except ConcurrencySlotAcquisitionError as exc:
             if "423" not in str(exc):
                 raise

@@ -14,7 +14,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 
 # end-to-end files that start a stack of their own (the others share the session's SQLite stack)
-OWN_STACK_FILES = ("tests/e2e/test_postgres_stack.py",)
+OWN_STACK_FILES = ("tests/e2e/test_postgres_stack.py", "tests/e2e/test_fault_worker_killed.py")
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)

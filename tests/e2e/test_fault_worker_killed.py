@@ -1,0 +1,137 @@
+"""Fault: the worker and its flow-run process are killed (SIGKILL) in the middle of a retraining.
+
+A stack of its own (it kills its worker): deployments/up.sh on free ports. What a production owner
+relies on afterwards: the run is marked Crashed (flow-run heartbeats + the automation up.sh
+creates), the model's retraining slot frees within its lease (RetrainingPolicy.slot_lease_s), the
+champion did not move, `make up` brings a worker back, and a rerun succeeds with exactly one new
+version; the registry audit is clean.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from mlflow import MlflowClient
+
+from blocks.retraining_policy import document_name
+from tasks.registry import model_slug
+from tasks.retraining import slot_name
+from tests.e2e.conftest import UP_TIMEOUT_S, Stack, _script, running_stack
+from tests.e2e.test_retraining import artifact, flow_run, save_policy
+from tests.e2e.test_stack import aliases, api, assert_completed
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "e2e_killed"
+LEASE_S = 60                     # Prefect's minimum lease
+HEARTBEAT_S = 30                 # Prefect's minimum heartbeat; Crashed after 3 missed
+CRASHED_WITHIN_S = 180           # the issue's promise
+
+
+@pytest.fixture(scope="module")
+def own_stack(tmp_path_factory) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("e2e-killed"),
+                       MLOPS_HEARTBEAT_SECONDS=str(HEARTBEAT_S)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    from tasks.demo_data import churn_frame
+
+    folder = tmp_path_factory.mktemp("e2e-killed-data")
+    frame = churn_frame().drop_duplicates().sample(frac=1.0, random_state=3).reset_index(drop=True)
+    old, labelled = frame.iloc[:300], frame.iloc[:800]
+    paths = {"old": folder / "old.csv", "labelled": folder / "labelled.csv"}
+    old.to_csv(paths["old"], index=False)
+    labelled.to_csv(paths["labelled"], index=False)
+    return paths
+
+
+def slot(stack: Stack) -> dict | None:
+    limits = api(stack, "/v2/concurrency_limits/filter", {})
+    return next((c for c in limits if c["name"] == slot_name(MODEL)), None)
+
+
+def wait_for(what: str, check, timeout_s: float, every_s: float = 1.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout_s:.0f} s")
+        time.sleep(every_s)
+
+
+def versions(stack: Stack) -> list[int]:
+    client = MlflowClient(tracking_uri=stack.mlflow_uri, registry_uri=stack.mlflow_uri)
+    return sorted(int(v.version) for v in client.search_model_versions(f"name='{MODEL}'"))
+
+
+def test_a_killed_worker_crashes_the_run_frees_the_slot_and_a_rerun_makes_one_version(
+        own_stack, data):
+    stack = own_stack
+    assert_completed(stack, stack.run_deployment("train-model/default", {
+        "data": str(data["old"]), "target": "churn", "model_name": MODEL, "time_budget_s": 4}))
+    assert aliases(stack, MODEL) == {"champion": 1}
+    save_policy(stack, document_name(MODEL), training_data=str(data["labelled"]), target="churn",
+                slot_lease_s=LEASE_S)
+
+    # A long retraining (a 120 s search) started without waiting for it.
+    started = stack.prefect("deployment", "run", "retrain-model/default",
+                            "--param", f"model_name={MODEL}", "--param", f"data={data['labelled']}",
+                            "--param", "target=churn", "--param", "time_budget_s=120")
+    assert started.returncode == 0, stack.explain(started)
+    run_id = started.stdout.split("UUID:")[1].split()[0]
+    wait_for("the retraining holds its slot",
+             lambda: (slot(stack) or {}).get("active_slots") == 1, 180)
+    running = wait_for("the run is Running with its process id",
+                       lambda: (lambda r: r if r["state_type"] == "RUNNING"
+                                and r.get("infrastructure_pid") else None)(flow_run(stack, run_id)),
+                       60)
+    time.sleep(3)  # well inside the search: trials are running
+
+    # SIGKILL the worker and the flow run's own process: neither can report anything.
+    worker_pid = int((stack.stack_dir / "pids" / "worker.pid").read_text().split()[0])
+    run_pid = int(str(running["infrastructure_pid"]).rsplit(":", 1)[-1])
+    killed_at = time.monotonic()
+    for pid in (run_pid, worker_pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(worker_pid, signal.SIGKILL)  # anything else the worker started
+    except ProcessLookupError:
+        pass
+
+    crashed = wait_for("the killed run is marked Crashed",
+                       lambda: (lambda r: r if r["state_type"] == "CRASHED" else None)(
+                           flow_run(stack, run_id)), CRASHED_WITHIN_S, every_s=2)
+    crashed_after = time.monotonic() - killed_at
+    assert "heartbeat" in (crashed["state"]["message"] or ""), crashed["state"]
+    wait_for("the model's retraining slot frees", lambda: (slot(stack) or {}).get(
+        "active_slots") == 0, LEASE_S + 60, every_s=2)
+    freed_after = time.monotonic() - killed_at
+    assert aliases(stack, MODEL) == {"champion": 1} and versions(stack) == [1]
+
+    # `make up` again: the dead worker is started anew; the rerun goes through.
+    up = _script("up.sh", stack.env, UP_TIMEOUT_S)
+    assert up.returncode == 0, up.stdout + up.stderr
+    rerun = stack.run_deployment("retrain-model/default", {
+        "model_name": MODEL, "data": str(data["labelled"]), "target": "churn",
+        "time_budget_s": 30, "max_trials": 4})
+    assert_completed(stack, rerun)
+    assert versions(stack) == [1, 2]  # exactly one version from the rerun, none from the crash
+    assert aliases(stack, MODEL).get("champion") in (1, 2)
+
+    audit = stack.run_deployment("audit-registry/default", {"model_name": MODEL})
+    assert_completed(stack, audit)
+    found = artifact(stack, f"audit-{model_slug(MODEL)}")
+    assert found and found["description"].endswith("registry audit clean"), found
+    print(f"killed -> Crashed {crashed_after:.0f} s; slot free {freed_after:.0f} s after the kill")
