@@ -45,10 +45,12 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
     folder = tmp_path_factory.mktemp("e2e-killed-data")
     frame = churn_frame().drop_duplicates().sample(frac=1.0, random_state=3).reset_index(drop=True)
-    old, labelled = frame.iloc[:300], frame.iloc[:800]
-    paths = {"old": folder / "old.csv", "labelled": folder / "labelled.csv"}
-    old.to_csv(paths["old"], index=False)
-    labelled.to_csv(paths["labelled"], index=False)
+    parts = {"old": frame.iloc[:300], "labelled": frame.iloc[:800],
+             "grown": frame.iloc[:1400]}  # rows no version has seen, for the second test
+    paths = {}
+    for name, part in parts.items():
+        paths[name] = folder / f"{name}.csv"
+        part.to_csv(paths[name], index=False)
     return paths
 
 
@@ -135,3 +137,53 @@ def test_a_killed_worker_crashes_the_run_frees_the_slot_and_a_rerun_makes_one_ve
     found = artifact(stack, f"audit-{model_slug(MODEL)}")
     assert found and found["description"].endswith("registry audit clean"), found
     print(f"killed -> Crashed {crashed_after:.0f} s; slot free {freed_after:.0f} s after the kill")
+
+
+def test_a_prefect_server_restart_during_a_run_ends_it_once_without_a_duplicate_version(
+        own_stack, data):
+    """Fault 5: the Prefect server stops (SIGTERM to its process group) while a retraining runs
+    on the worker and comes back with `make up` 10 s later. The run ends Completed (its client
+    retried through the outage) or Crashed (it gave up; the heartbeat automation says so) -- never
+    stuck Running -- and no version is registered twice."""
+    stack = own_stack
+    before = versions(stack)
+    champion_before = aliases(stack, MODEL)["champion"]
+    started = stack.prefect("deployment", "run", "retrain-model/default",
+                            "--param", f"model_name={MODEL}", "--param", f"data={data['grown']}",
+                            "--param", "target=churn", "--param", "time_budget_s=40",
+                            "--param", "max_trials=6")
+    assert started.returncode == 0, stack.explain(started)
+    run_id = started.stdout.split("UUID:")[1].split()[0]
+    wait_for("the retraining holds its slot",
+             lambda: (slot(stack) or {}).get("active_slots") == 1, 180)
+
+    server_pid = int((stack.stack_dir / "pids" / "prefect-server.pid").read_text().split()[0])
+    os.killpg(server_pid, signal.SIGTERM)
+    wait_for("the Prefect server is down", lambda: _down(server_pid), 60)
+    time.sleep(10)
+    up = _script("up.sh", stack.env, UP_TIMEOUT_S)
+    assert up.returncode == 0, up.stdout + up.stderr
+
+    final = wait_for("the run reaches a final state",
+                     lambda: (lambda r: r if r["state_type"] in {"COMPLETED", "CRASHED", "FAILED"}
+                              else None)(flow_run(stack, run_id)), 300, every_s=3)
+    after = versions(stack)
+    assert after[:len(before)] == before and len(after) - len(before) <= 1, (before, after)
+    assert final["state_type"] in {"COMPLETED", "CRASHED"}, final["state"]
+    if final["state_type"] == "COMPLETED":
+        assert len(after) == len(before) + 1, (before, after)
+    else:  # a crashed retraining promotes nothing
+        assert aliases(stack, MODEL)["champion"] == champion_before
+    audit = stack.run_deployment("audit-registry/default", {"model_name": MODEL})
+    assert_completed(stack, audit)
+    found = artifact(stack, f"audit-{model_slug(MODEL)}")
+    assert found and found["description"].endswith("registry audit clean"), found
+    print(f"Prefect server restarted mid-run -> {final['state_type']}, versions {before} -> {after}")
+
+
+def _down(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
