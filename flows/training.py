@@ -14,10 +14,11 @@ from flows.parameters import DataRef, data_flow
 from tasks.errors import ConfigurationError, DataError
 from tasks.registry import (alias_map, mlflow_client, model_slug, promote_alias, register_version,
                             validate_model_name)
-from tasks.training import (TrainResult, cpu_workers, evaluate_trial, load_data,
-                            prepare_training_data, refit_and_log, start_search, summarize_search,
-                            trial_row)
+from blocks.training_settings import resolve_training_settings
+from tasks.training import (TrainResult, cpu_workers, load_data, prepare_training_data,
+                            refit_and_log, start_search, summarize_search, trial_row)
 from tasks.training_search import check_families
+from tasks.trial_runner import trial_runner
 
 SEARCH_SHARE = 0.7  # of time_budget_s; the rest is for the refit, the holdout and the logging
 
@@ -64,8 +65,9 @@ def train_model(
         promote: auto (the first version becomes champion, later ones challenger), always
             (champion), never (no alias).
         max_trials: Stop the search after this many trials (or earlier once it has converged),
-            whatever time they take: the same data, random_state and machine then give the same
-            model. Empty: the time budget decides (more trials on an idle machine).
+            whatever time they take: the same data, random_state and trial width (the machine's
+            cores, or the Dask cluster's worker threads) then give the same model. Empty: the
+            time budget decides (more trials on an idle machine).
     """
     started = time.monotonic()
     logger = get_run_logger()
@@ -81,13 +83,14 @@ def train_model(
     loaded = load_data(data)
     prepared = prepare_training_data(loaded, target, task, metric, random_state)
 
-    # The search: batches of trials as Prefect tasks, told to the study in trial order.
+    # The search: batches of trials as Prefect tasks (on threads, or on the Dask cluster the
+    # TrainingSettings block names), told to the study in trial order.
     budget_s = None if max_trials else time_budget_s * SEARCH_SHARE
     deadline = None if budget_s is None else started + budget_s
-    search = start_search(prepared, candidates, random_state, max_trials, deadline)
-    while batch := search.ask():
-        search.tell([f.result() for f in [evaluate_trial.submit(t, prepared, random_state, deadline)
-                                          for t in batch]])
+    with trial_runner(resolve_training_settings(), prepared.for_trials()) as trials:
+        search = start_search(prepared, candidates, random_state, max_trials, deadline, trials.width)
+        while batch := search.ask():
+            search.tell([f.result() for f in [trials.submit(t, random_state, deadline) for t in batch]])
     summary = summarize_search(search, budget_s)
     ranked = search.ranked()
     if not ranked or ranked[0].mean is None or ranked[0].status not in ("complete", "deadline"):
@@ -96,8 +99,8 @@ def train_model(
                         "time_budget_s or check the data")
     best = ranked[0]
     leaderboard = [trial_row(r) for r in ranked]
-    logger.info("search: %s; best %s: cv %s = %.4f", summary.describe(), best.candidate.label,
-                prepared.metric, best.mean)
+    logger.info("search (%s): %s; best %s: cv %s = %.4f", trials.where, summary.describe(),
+                best.candidate.label, prepared.metric, best.mean)
 
     logged = refit_and_log(prepared, best, model_name, random_state, leaderboard, summary)
     version = register_version(
