@@ -6,15 +6,18 @@ from __future__ import annotations
 import time
 from typing import Literal
 
+from mlflow.exceptions import MlflowException
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from blocks.mlflow_config import resolve_mlflow_config
+from blocks.training_settings import resolve_training_settings
 from flows.parameters import DataRef, data_flow
 from tasks.errors import ConfigurationError, DataError
-from tasks.registry import (alias_map, mlflow_client, model_slug, promote_alias, register_version,
+from tasks.registry import (alias_map, complete_registration, mlflow_client, model_slug,
+                            promote_alias, register_version, registration_failed,
                             validate_model_name)
-from blocks.training_settings import resolve_training_settings
 from tasks.training import (TrainResult, cpu_workers, load_data, prepare_training_data,
                             refit_and_log, start_search, summarize_search, trial_row)
 from tasks.training_search import check_families
@@ -103,17 +106,24 @@ def train_model(
                 best.candidate.label, prepared.metric, best.mean)
 
     logged = refit_and_log(prepared, best, model_name, random_state, leaderboard, summary)
-    version = register_version(
-        model_name, logged.model_uri, logged.run_id,
-        description=(f"{logged.family} for {prepared.schema.task} on {prepared.ref or 'a DataFrame'};"
-                     f" holdout {prepared.metric} {logged.holdout_metrics[prepared.metric]:.4f}"),
-        tags={"mlops.family": logged.family, "mlops.target": target, "mlops.task": prepared.schema.task,
-              "mlops.metric": prepared.metric},
-        schema_json=logged.input_schema)
-
-    alias = initial_alias(promote, "champion" in alias_map(mlflow_client(), model_name))
-    if alias is not None:
-        version = promote_alias(model_name, version.version, alias, reason=f"train_model promote={promote}")
+    # Registration: the version (pending until its alias is moved), then the alias. MLflow going
+    # away in between leaves no alias moved and a pending version the next registration deletes.
+    try:
+        version = register_version(
+            model_name, logged.model_uri, logged.run_id,
+            description=(f"{logged.family} for {prepared.schema.task} on "
+                         f"{prepared.ref or 'a DataFrame'}; holdout {prepared.metric} "
+                         f"{logged.holdout_metrics[prepared.metric]:.4f}"),
+            tags={"mlops.family": logged.family, "mlops.target": target,
+                  "mlops.task": prepared.schema.task, "mlops.metric": prepared.metric},
+            schema_json=logged.input_schema, complete=False)
+        alias = initial_alias(promote, "champion" in alias_map(mlflow_client(), model_name))
+        if alias is not None:
+            version = promote_alias(model_name, version.version, alias,
+                                    reason=f"train_model promote={promote}")
+        complete_registration(model_name, version.version)
+    except MlflowException as exc:
+        raise registration_failed(model_name, resolve_mlflow_config().tracking_uri, exc) from exc
 
     create_table_artifact(key=f"train-{model_slug(model_name)}", table=leaderboard,
                           description=f"Search for {model_name} v{version.version}: "
