@@ -104,19 +104,24 @@ def mlflow_exports(run_id: str) -> list[str]:
     return sorted(walk("exports"))
 
 
-def test_s3_paused_mid_upload_fails_the_export_with_the_fix_and_a_retry_publishes_once(s3_export):
+@pytest.mark.parametrize("pause_at", ["model-file", "manifest"])
+def test_s3_paused_mid_upload_fails_the_export_with_the_fix_and_a_retry_publishes_once(
+        s3_export, pause_at):
+    """model-file: S3 stops answering at the first upload; manifest: at the last, after the
+    ONNX file reached S3."""
     process, proxy, s3, bucket = s3_export
-    name = "s3_fault"
+    name = f"s3_fault_{pause_at.replace('-', '_')}"
     trained = train_model(churn_frame().iloc[:600], "churn", name, candidates=["linear"],
                           max_trials=1)
     paused = []
 
-    def pause_at_manifest(line: str) -> None:
-        if not paused and line.startswith("PUT ") and "manifest.json" in line:
+    def pause(line: str) -> None:
+        target = "manifest.json" if pause_at == "manifest" else ".onnx"
+        if not paused and line.startswith("PUT ") and target in line.split("?")[0]:
             os.killpg(process.pid, signal.SIGSTOP)
             paused.append(time.monotonic())
 
-    proxy.on_request = pause_at_manifest
+    proxy.on_request = pause
     try:
         with pytest.raises(ExportError) as caught:
             export_model(name, formats=["onnx"])
@@ -127,7 +132,9 @@ def test_s3_paused_mid_upload_fails_the_export_with_the_fix_and_a_retry_publishe
 
     message = str(caught.value)
     assert f"uploading the exports of {name} v1 to S3 failed (S3Bucket block {BLOCK!r}" in message
-    assert f"endpoint {proxy.url}" in message and "1 file(s) reached S3, 1 did not" in message
+    reached = 1 if pause_at == "manifest" else 0
+    assert f"endpoint {proxy.url}" in message
+    assert f"{reached} file(s) reached S3, {2 - reached} did not" in message
     assert "run export_model again: it uploads to the same keys" in message
     assert waited < 4 * READ_TIMEOUT_S, waited  # bounded by the block's botocore config
 
@@ -136,7 +143,10 @@ def test_s3_paused_mid_upload_fails_the_export_with_the_fix_and_a_retry_publishe
     manifest = json.loads((local / "manifest.json").read_text())
     onnx = manifest["formats"]["onnx"]
     assert onnx["status"] == "ok" and (local / onnx["files"][0]["path"]).is_file()
-    assert onnx["s3_uri"].startswith(f"s3://{bucket}/exports/{name}/v1/onnx/")  # it did reach S3
+    if pause_at == "manifest":  # the ONNX file did reach S3, and the manifest says so
+        assert onnx["s3_uri"].startswith(f"s3://{bucket}/exports/{name}/v1/onnx/")
+    else:  # nothing reached S3: the manifest names no S3 copy
+        assert onnx.get("s3_uri") is None
     stored = mlflow_exports(trained.run_id)
     assert "exports/manifest.json" in stored and any(p.endswith(".onnx") for p in stored)
 
