@@ -6,18 +6,22 @@ from __future__ import annotations
 import time
 from typing import Literal
 
+from mlflow.exceptions import MlflowException
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from blocks.mlflow_config import resolve_mlflow_config
+from blocks.training_settings import resolve_training_settings
 from flows.parameters import DataRef, data_flow
 from tasks.errors import ConfigurationError, DataError
-from tasks.registry import (alias_map, mlflow_client, model_slug, promote_alias, register_version,
+from tasks.registry import (alias_map, complete_registration, mlflow_client, model_slug,
+                            promote_alias, register_version, registration_failed,
                             validate_model_name)
-from tasks.training import (TrainResult, cpu_workers, evaluate_trial, load_data,
-                            prepare_training_data, refit_and_log, start_search, summarize_search,
-                            trial_row)
+from tasks.training import (TrainResult, cpu_workers, load_data, prepare_training_data,
+                            refit_and_log, start_search, summarize_search, trial_row)
 from tasks.training_search import check_families
+from tasks.trial_runner import trial_runner
 
 SEARCH_SHARE = 0.7  # of time_budget_s; the rest is for the refit, the holdout and the logging
 
@@ -64,8 +68,9 @@ def train_model(
         promote: auto (the first version becomes champion, later ones challenger), always
             (champion), never (no alias).
         max_trials: Stop the search after this many trials (or earlier once it has converged),
-            whatever time they take: the same data, random_state and machine then give the same
-            model. Empty: the time budget decides (more trials on an idle machine).
+            whatever time they take: the same data, random_state and trial width (the machine's
+            cores, or the Dask cluster's worker threads) then give the same model. Empty: the
+            time budget decides (more trials on an idle machine).
     """
     started = time.monotonic()
     logger = get_run_logger()
@@ -81,13 +86,14 @@ def train_model(
     loaded = load_data(data)
     prepared = prepare_training_data(loaded, target, task, metric, random_state)
 
-    # The search: batches of trials as Prefect tasks, told to the study in trial order.
+    # The search: batches of trials as Prefect tasks (on threads, or on the Dask cluster the
+    # TrainingSettings block names), told to the study in trial order.
     budget_s = None if max_trials else time_budget_s * SEARCH_SHARE
     deadline = None if budget_s is None else started + budget_s
-    search = start_search(prepared, candidates, random_state, max_trials, deadline)
-    while batch := search.ask():
-        search.tell([f.result() for f in [evaluate_trial.submit(t, prepared, random_state, deadline)
-                                          for t in batch]])
+    with trial_runner(resolve_training_settings(), prepared.for_trials()) as trials:
+        search = start_search(prepared, candidates, random_state, max_trials, deadline, trials.width)
+        while batch := search.ask():
+            search.tell([f.result() for f in [trials.submit(t, random_state, deadline) for t in batch]])
     summary = summarize_search(search, budget_s)
     ranked = search.ranked()
     if not ranked or ranked[0].mean is None or ranked[0].status not in ("complete", "deadline"):
@@ -96,21 +102,28 @@ def train_model(
                         "time_budget_s or check the data")
     best = ranked[0]
     leaderboard = [trial_row(r) for r in ranked]
-    logger.info("search: %s; best %s: cv %s = %.4f", summary.describe(), best.candidate.label,
-                prepared.metric, best.mean)
+    logger.info("search (%s): %s; best %s: cv %s = %.4f", trials.where, summary.describe(),
+                best.candidate.label, prepared.metric, best.mean)
 
     logged = refit_and_log(prepared, best, model_name, random_state, leaderboard, summary)
-    version = register_version(
-        model_name, logged.model_uri, logged.run_id,
-        description=(f"{logged.family} for {prepared.schema.task} on {prepared.ref or 'a DataFrame'};"
-                     f" holdout {prepared.metric} {logged.holdout_metrics[prepared.metric]:.4f}"),
-        tags={"mlops.family": logged.family, "mlops.target": target, "mlops.task": prepared.schema.task,
-              "mlops.metric": prepared.metric},
-        schema_json=logged.input_schema)
-
-    alias = initial_alias(promote, "champion" in alias_map(mlflow_client(), model_name))
-    if alias is not None:
-        version = promote_alias(model_name, version.version, alias, reason=f"train_model promote={promote}")
+    # Registration: the version (pending until its alias is moved), then the alias. MLflow going
+    # away in between leaves no alias moved and a pending version the next registration deletes.
+    try:
+        version = register_version(
+            model_name, logged.model_uri, logged.run_id,
+            description=(f"{logged.family} for {prepared.schema.task} on "
+                         f"{prepared.ref or 'a DataFrame'}; holdout {prepared.metric} "
+                         f"{logged.holdout_metrics[prepared.metric]:.4f}"),
+            tags={"mlops.family": logged.family, "mlops.target": target,
+                  "mlops.task": prepared.schema.task, "mlops.metric": prepared.metric},
+            schema_json=logged.input_schema, complete=False)
+        alias = initial_alias(promote, "champion" in alias_map(mlflow_client(), model_name))
+        if alias is not None:
+            version = promote_alias(model_name, version.version, alias,
+                                    reason=f"train_model promote={promote}")
+        complete_registration(model_name, version.version)
+    except MlflowException as exc:
+        raise registration_failed(model_name, resolve_mlflow_config().tracking_uri, exc) from exc
 
     create_table_artifact(key=f"train-{model_slug(model_name)}", table=leaderboard,
                           description=f"Search for {model_name} v{version.version}: "

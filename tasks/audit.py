@@ -15,7 +15,10 @@ Checks, each finding naming the version or alias and what to do:
 * ``duplicate-version``: two versions registered from the same model source (a registration that
   was retried after it had in fact succeeded);
 * ``promotion-interrupted``: a retraining moved ``champion`` and died before verifying it (its
-  intent is still recorded).
+  intent is still recorded);
+* ``registration-incomplete``: a version still tagged ``mlops.registration=pending`` whose flow
+  run has ended (MLflow went away mid-registration, or the run was killed): its alias was never
+  moved; the model's next registration deletes it.
 
 The checks are plain functions on an MLflow client; `run_audit` / `publish_audit` are their tasks.
 """
@@ -32,15 +35,16 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from tasks.drift import PROFILE_NAME, PROFILE_RUN_TAG, SCHEMA_NAME
-from tasks.registry import (alias_map, get_registered_model, mlflow_client, model_slug,
-                            read_alias_history, record_alias_move, validate_model_name)
+from tasks.registry import (REGISTERED_BY_TAG, abandoned_versions, alias_map,
+                            get_registered_model, mlflow_client, model_slug, read_alias_history,
+                            record_alias_move, validate_model_name)
 from tasks.retraining import read_promotion_intent
 from tasks.training import SEEN_ROWS_NAME
 
 logger = logging.getLogger(__name__)
 
 Check = Literal["alias-target", "alias-history", "model-files", "version-files",
-                "duplicate-version", "promotion-interrupted"]
+                "duplicate-version", "promotion-interrupted", "registration-incomplete"]
 
 
 class AuditFinding(BaseModel):
@@ -210,6 +214,14 @@ def audit_model(client, model_name: str, repair: bool = False) -> AuditReport:
         findings += _version_files(client, mv)
     findings += duplicate_findings({int(mv.version): (mv.tags or {}).get("mlops.source")
                                     for mv in versions})
+    for mv in abandoned_versions(client, model_name):
+        findings.append(AuditFinding(
+            check="registration-incomplete", version=int(mv.version),
+            message=f"version {mv.version} was created by flow run "
+                    f"{(mv.tags or {}).get(REGISTERED_BY_TAG, '(none recorded)')}, which ended "
+                    "before its registration finished (no alias was moved for it); the model's "
+                    "next train_model or register_model deletes it, or delete it yourself with "
+                    f"MlflowClient().delete_model_version({model_name!r}, {mv.version!r})"))
     intent = read_promotion_intent(client, model_name)
     if intent is not None:
         findings.append(AuditFinding(

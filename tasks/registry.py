@@ -53,6 +53,12 @@ EXPORTED_AT_TAG = "mlops.exported_at"  # version tag: time of its newest export
 CHAMPION_EXPORTED_AT_TAG = "mlops.champion_exported_at"  # ... of its newest export as champion
 EXPORTS_INDEXED_TAG = "mlops.exports_indexed"  # model tag: exports before the tags were indexed
 EXPORTS_FOLDER = "exports"  # where export_model stores files and manifest.json in a version's run
+# version tags: "pending" from the version's creation (set in the same request) until the flow
+# that registers it has finished (train_model: once its alias is moved); the flow run that
+# created it. A pending version whose flow run has ended is abandoned (tasks/audit.py reports it,
+# the model's next registration deletes it when it holds no alias).
+REGISTRATION_TAG = "mlops.registration"
+REGISTERED_BY_TAG = "mlops.flow_run_id"
 # kinds as the alias history names them (older records used the short names on the left)
 KIND_NAMES = {"retrain": "retraining", "ab-test": "ab-conclude"}
 logger = logging.getLogger(__name__)
@@ -390,8 +396,13 @@ def _sha(text: str) -> str:
 
 def register(client: MlflowClient, name: str, model_uri: str, run_id: str | None, description: str,
              tags: dict[str, str], metrics: dict[str, float], schema_json: str | None = None,
-             keep: int = KEEP_VERSIONS) -> ModelVersion:
-    """Create a version, or return the one a retry of the same registration already created."""
+             keep: int = KEEP_VERSIONS, complete: bool = True) -> ModelVersion:
+    """Create a version, or return the one a retry of the same registration already created.
+
+    The version is created tagged `mlops.registration=pending` (with the flow run creating it);
+    `complete=True` clears the tag once the version has its description, else the caller does
+    (complete_registration) when what belongs to the registration -- an alias -- is done too.
+    Versions earlier registrations abandoned are deleted first (abandoned_versions)."""
     import mlflow
 
     validate_model_name(name)
@@ -400,20 +411,79 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str | None
     except MlflowException:
         model = client.create_registered_model(name, description=description or None)
         _history_run_id(client, model)  # now, by the one creator, rather than by a first move
+    creator = _current_flow_run_id()
     for mv in _existing_versions(client, name):
         if (mv.tags or {}).get("mlops.source") == model_uri:
-            return mv  # idempotent: a Prefect retry must not create a duplicate version
+            # idempotent: a Prefect retry must not create a duplicate version; it finishes what
+            # the interrupted attempt left undone
+            if (mv.tags or {}).get(REGISTRATION_TAG) == "pending":
+                if creator:
+                    client.set_model_version_tag(name, mv.version, REGISTERED_BY_TAG, creator)
+                if description and mv.description != description:
+                    client.update_model_version(name, mv.version, description=description)
+                if complete:
+                    complete_registration_of(client, name, int(mv.version))
+                return client.get_model_version(name, mv.version)
+            return mv
+    for mv in abandoned_versions(client, name, exclude_flow_run=creator):
+        # only a version whose flow run is known to have ended: one registered outside a flow
+        # run may still be finishing (the audit reports it)
+        if ((mv.tags or {}).get(REGISTERED_BY_TAG)
+                and int(mv.version) not in set(alias_map(client, name).values())):
+            logger.warning("model %s: deleting version %s, abandoned by flow run %s before its "
+                           "registration finished", name, mv.version,
+                           (mv.tags or {}).get(REGISTERED_BY_TAG, "(unknown)"))
+            client.delete_model_version(name, mv.version)
     all_tags = {**{k: str(v) for k, v in (tags or {}).items()},
                 **{f"metric.{k}": str(float(v)) for k, v in (metrics or {}).items()},
                 "mlops.source": model_uri,
-                "semver": next_semver(client, name, schema_json)}
+                "semver": next_semver(client, name, schema_json),
+                REGISTRATION_TAG: "pending",
+                **({REGISTERED_BY_TAG: creator} if creator else {})}
     if schema_json is not None:
         all_tags["mlops.schema_sha"] = _sha(schema_json)
     mv = mlflow.register_model(model_uri, name, tags=all_tags)
     if description:
         client.update_model_version(name, mv.version, description=description)
     apply_retention(client, name, keep)
+    if complete:
+        complete_registration_of(client, name, int(mv.version))
     return client.get_model_version(name, mv.version)
+
+
+def complete_registration_of(client: MlflowClient, name: str, version: int) -> None:
+    client.delete_model_version_tag(name, str(version), REGISTRATION_TAG)
+
+
+def _current_flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.id or None
+
+
+def abandoned_versions(client: MlflowClient, name: str,
+                       exclude_flow_run: str | None = None) -> list[ModelVersion]:
+    """Versions still tagged `mlops.registration=pending` whose creating flow run has ended (or
+    that Prefect does not know): their registration will never finish. A pending version without
+    a recorded flow run (registered outside one) counts too."""
+    pending = [mv for mv in _existing_versions(client, name)
+               if (mv.tags or {}).get(REGISTRATION_TAG) == "pending"
+               and (mv.tags or {}).get(REGISTERED_BY_TAG) != exclude_flow_run]
+    return [mv for mv in pending if not _flow_run_alive((mv.tags or {}).get(REGISTERED_BY_TAG))]
+
+
+def _flow_run_alive(flow_run_id: str | None) -> bool:
+    if not flow_run_id:
+        return False
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as prefect:
+            state = prefect.read_flow_run(flow_run_id).state
+    except ObjectNotFound:
+        return False
+    return state is not None and not state.is_final()
 
 
 def apply_retention(client: MlflowClient, name: str, keep: int = KEEP_VERSIONS) -> list[int]:
@@ -591,12 +661,28 @@ def newest_unregistered_model(client: MlflowClient, name: str) -> tuple[str, str
 @task(name="register-version", retries=2, retry_delay_seconds=2)
 def register_version(model_name: str, model_uri: str, run_id: str | None, description: str = "",
                      tags: dict[str, str] | None = None, metrics: dict[str, float] | None = None,
-                     schema_json: str | None = None) -> VersionInfo:
+                     schema_json: str | None = None, complete: bool = True) -> VersionInfo:
     config = resolve_mlflow_config()
     client = mlflow_client(config)
     mv = register(client, model_name, model_uri, run_id, description, tags or {}, metrics or {},
-                  schema_json, keep=config.keep_versions)
+                  schema_json, keep=config.keep_versions, complete=complete)
     return version_info(client, mv)
+
+
+def registration_failed(model_name: str, tracking_uri: str, exc: Exception) -> RegistryError:
+    """An MLflow failure in the middle of a registration, said so that a user can act on it."""
+    return RegistryError(
+        f"MLflow at {tracking_uri} failed while registering a version of {model_name!r} "
+        f"({type(exc).__name__}: {exc}). No alias was moved by this run; a version it created is "
+        f"left tagged {REGISTRATION_TAG}=pending. Check that the MLflow server is running and "
+        "reachable from here, then run the training again: the next registration of the model "
+        "deletes the unfinished version (audit_registry lists it meanwhile)")
+
+
+@task(name="complete-registration")
+def complete_registration(model_name: str, version: int) -> None:
+    """The version's registration is done: clear its `mlops.registration=pending` tag."""
+    complete_registration_of(mlflow_client(), model_name, version)
 
 
 @task(name="promote-alias")

@@ -91,6 +91,19 @@ class TrainingData:
     n_rows: int = 0  # rows of the data received (training split + holdout)
     seen_rows: np.ndarray | None = None  # row_fingerprints of every row received
 
+    def for_trials(self) -> "TrialData":
+        return TrialData(self.X, self.y, self.schema, self.metric)
+
+
+@dataclass
+class TrialData:
+    """What a search trial needs and no more: it is copied to every process that runs trials."""
+
+    X: pd.DataFrame
+    y: pd.Series
+    schema: Schema
+    metric: str
+
 
 @task(name="load-data", cache_policy=NO_CACHE)
 def load_data(data) -> LoadedData:
@@ -120,19 +133,34 @@ def prepare_training_data(loaded: LoadedData, target: str, task_kind: str, metri
 
 
 def start_search(data: TrainingData, families: list[str] | None, random_state: int,
-                 max_trials: int | None, deadline: float | None) -> Search:
-    """The Optuna study of one train_model call (batches as wide as the task runner)."""
+                 max_trials: int | None, deadline: float | None, batch_size: int) -> Search:
+    """The Optuna study of one train_model call (batches as wide as the trial runner)."""
     return Search(data.schema.task, data.metric, check_families(families), random_state,
-                  batch_size=cpu_workers(), max_trials=max_trials, deadline=deadline)
+                  batch_size=batch_size, max_trials=max_trials, deadline=deadline)
 
 
 @task(name="cross-validate-trial", cache_policy=NO_CACHE,
       task_run_name="trial-{planned.number}-{planned.candidate.family}")
-def evaluate_trial(planned: PlannedTrial, data: TrainingData, random_state: int,
-                   deadline: float | None) -> TrialResult:
-    """k-fold cross-validation of one configuration, pruned on early folds when it is bad."""
-    return cross_validate(planned.number, planned.candidate, data.X, data.y, data.schema,
-                          data.metric, N_FOLDS, random_state, deadline, planned.should_prune)
+def evaluate_trial(planned: PlannedTrial, data: TrialData, random_state: int,
+                   deadline_epoch: float | None) -> TrialResult:
+    """k-fold cross-validation of one configuration, pruned on early folds when it is bad.
+    The deadline is wall-clock time (time.time()): the trial may run in another process or on
+    another machine, where the flow's monotonic clock means nothing."""
+    deadline = None if deadline_epoch is None else time.monotonic() + (deadline_epoch - time.time())
+    result = cross_validate(planned.number, planned.candidate, data.X, data.y, data.schema,
+                            data.metric, N_FOLDS, random_state, deadline, planned.should_prune)
+    result.worker = where_running()
+    return result
+
+
+def where_running() -> str:
+    """The Dask worker's address inside a Dask worker, else this host and process."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"{platform.node()} pid {os.getpid()}"
 
 
 def _git_commit() -> str:
@@ -184,7 +212,8 @@ def trial_row(r: TrialResult) -> dict:
     return {"trial": r.number, "candidate": r.candidate.label, "family": r.candidate.family,
             r.metric: None if r.mean is None else round(r.mean, 6), "folds": len(r.scores),
             "seconds": round(r.seconds, 2), "status": r.status, "at_s": r.finished_s,
-            "params": json.dumps(r.candidate.params, sort_keys=True, default=str)}
+            "params": json.dumps(r.candidate.params, sort_keys=True, default=str),
+            "worker": r.worker}
 
 
 def progress_figure(rows: list[dict], metric: str, greater_is_better: bool, title: str):

@@ -327,10 +327,15 @@ class TrialResult:
     status: str = "complete"  # complete | pruned (on early folds) | deadline | error
     error: str | None = None
     finished_s: float = 0.0  # seconds since the search started, when this trial was told
+    worker: str | None = None  # where it ran: a Dask worker's address, else host and process
 
     @property
     def mean(self) -> float | None:
         return float(np.mean(self.scores)) if self.scores else None
+
+    def running_means(self) -> list[float]:
+        """The mean after each fold: what the pruner compares, fold by fold."""
+        return [float(np.mean(self.scores[:i + 1])) for i in range(len(self.scores))]
 
 
 def folds(task: str, n_folds: int, random_state: int):
@@ -342,9 +347,10 @@ def folds(task: str, n_folds: int, random_state: int):
 def cross_validate(number: int, candidate: Candidate, X: pd.DataFrame, y: pd.Series,
                    schema: Schema, metric: str, n_folds: int, random_state: int,
                    deadline: float | None, should_prune=None) -> TrialResult:
-    """k-fold scores of one configuration. After each fold `should_prune(fold, running mean)`
-    may stop a bad trial (status pruned); past `deadline` (a time.monotonic() value) it stops
-    between folds, after the first (status deadline)."""
+    """k-fold scores of one configuration. After each fold but the last, `should_prune(fold,
+    running means so far)` may stop a bad trial (status pruned); past `deadline` (a
+    time.monotonic() value of this process) it stops between folds, after the first (status
+    deadline)."""
     # trials run side by side, one per core: one OpenMP thread each (HistGradientBoosting's
     # default of all cores per trial oversubscribes the machine; the limit is per thread)
     with threadpool_limits(limits=1, user_api="openmp"):
@@ -373,7 +379,7 @@ def _cross_validate(number, candidate, X, y, schema, metric, n_folds, random_sta
         except Exception as exc:  # a configuration that cannot fit loses; the search goes on
             result.status, result.error = "error", f"{type(exc).__name__}: {exc}"
             break
-        if step < n_folds - 1 and should_prune is not None and should_prune(step, result.mean):
+        if step < n_folds - 1 and should_prune is not None and should_prune(step, result.running_means()):
             result.status = "pruned"
             break
     result.seconds = time.monotonic() - started
@@ -385,28 +391,58 @@ OPTIMUM = {"roc_auc": 1.0, "accuracy": 1.0, "balanced_accuracy": 1.0, "f1_macro"
            "r2": 1.0, "log_loss": 0.0, "rmse": 0.0, "mae": 0.0}
 
 
+PRUNER_STARTUP_TRIALS = 4  # completed trials before any trial is pruned
+
+
+@dataclass(frozen=True)
+class MedianRule:
+    """Optuna's MedianPruner (n_startup_trials=PRUNER_STARTUP_TRIALS, no warm-up) decided from a
+    snapshot of the study taken when the batch was asked: a trial is pruned after a fold when the
+    best of its running means is worse than the median of the completed trials' running means at
+    that fold. A plain value, so a trial can carry it to another process (a Dask worker) where the
+    study is not; the decisions are those the study would make, since the pruner only ever sees
+    trials told before the batch."""
+
+    maximize: bool
+    medians: dict[int, float]  # fold -> median running mean of the completed trials
+    active: bool  # at least PRUNER_STARTUP_TRIALS trials completed
+
+    @classmethod
+    def snapshot(cls, study) -> "MedianRule":
+        from optuna.study import StudyDirection
+        from optuna.trial import TrialState
+
+        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        steps = sorted({s for t in completed for s in t.intermediate_values})
+        medians = {s: float(np.nanpercentile(
+            np.array([t.intermediate_values[s] for t in completed if s in t.intermediate_values],
+                     dtype=float), 50)) for s in steps}
+        return cls(maximize=study.direction == StudyDirection.MAXIMIZE, medians=medians,
+                   active=len(completed) >= max(PRUNER_STARTUP_TRIALS, 1))
+
+    def __call__(self, step: int, running_means: list[float]) -> bool:
+        if not self.active:
+            return False
+        values = np.asarray(running_means, dtype=float)
+        best = np.nanmax(values) if self.maximize else np.nanmin(values)
+        if np.isnan(best):
+            return True
+        median = self.medians.get(step)
+        if median is None or np.isnan(median):
+            return False
+        return bool(best < median) if self.maximize else bool(best > median)
+
+
 @dataclass
 class PlannedTrial:
     number: int
     candidate: Candidate
-    should_prune: Any  # callable(fold, running mean) -> bool, reports to the study
-
-
-class _Pruning:
-    """Reports a trial's running mean to its study after each fold; Optuna's MedianPruner
-    compares it with the completed trials' means at the same fold."""
-
-    def __init__(self, trial):
-        self.trial = trial
-
-    def __call__(self, step: int, value: float) -> bool:
-        self.trial.report(value, step)
-        return self.trial.should_prune()
+    should_prune: MedianRule  # (fold, running means) -> bool
 
 
 class Search:
     """Optuna's ask/tell loop, without Prefect: TPE over the families' spaces, the families'
-    cheap starting points first, MedianPruner on early folds.
+    cheap starting points first, a median rule on early folds (MedianRule).
 
     Trials are asked in fixed-size batches and told in trial order once the whole batch is back,
     and the pruner only compares with trials told before the batch, so a fixed `max_trials` and
@@ -428,7 +464,7 @@ class Search:
                                                  n_startup_trials=8)
         self.study = optuna.create_study(
             direction="maximize" if greater_is_better(metric) else "minimize", sampler=sampler,
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0))
+            pruner=optuna.pruners.NopPruner())  # pruning is MedianRule's, in the trial
         for point in starting_points(task, families):
             self.study.enqueue_trial(point)
         self.results: list[TrialResult] = []
@@ -446,13 +482,14 @@ class Search:
         if self.max_trials is not None:
             n = min(n, self.max_trials - len(self.results))
         planned = []
+        rule = MedianRule.snapshot(self.study)
         with warnings_ignored():
             for _ in range(n):
                 trial = self.study.ask()
                 self._pending[trial.number] = trial
                 planned.append(PlannedTrial(trial.number,
                                             suggest_candidate(trial, self.task, self.families),
-                                            _Pruning(trial)))
+                                            rule))
         return planned
 
     def tell(self, results: list[TrialResult]) -> None:
@@ -461,6 +498,8 @@ class Search:
 
         for r in sorted(results, key=lambda r: r.number):
             trial = self._pending.pop(r.number)
+            for step, value in enumerate(r.running_means()):  # what later pruning compares with
+                trial.report(value, step)
             if r.status == "complete":
                 self.study.tell(trial, r.mean)
             elif r.status == "pruned":

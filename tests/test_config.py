@@ -27,8 +27,9 @@ from prefect.events import emit_event
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 
 from blocks import (ABPolicy, ExportSettings, MLflowConfig, MonitoringPolicy, RetrainingPolicy,
-                    resolve_ab_policy, resolve_export_settings, resolve_mlflow_config,
-                    resolve_monitoring_policy, resolve_retraining_policy)
+                    TrainingSettings, resolve_ab_policy, resolve_export_settings,
+                    resolve_mlflow_config, resolve_monitoring_policy, resolve_retraining_policy,
+                    resolve_training_settings)
 from blocks.mlflow_config import DEFAULT_DOCUMENT
 from flows.export import export_model
 from flows.registry import list_versions
@@ -78,6 +79,9 @@ CASES = {
                         {"latency_rows": 5}, "latency_rows"),
     "monitoring-policy": (MonitoringPolicy, MonitoringPolicy, DEFAULT_DOCUMENT,
                           resolve_monitoring_policy, {"drift_threshold": "high"}, "drift_threshold"),
+    "training-settings": (TrainingSettings, TrainingSettings, DEFAULT_DOCUMENT,
+                          resolve_training_settings, {"dask_connect_timeout_s": -1},
+                          "dask_connect_timeout_s"),
     "retraining-policy": (RetrainingPolicy, RetrainingPolicy, "customer-churn",
                           lambda: resolve_retraining_policy("customer_churn"),
                           {"min_new_rows": 0}, "min_new_rows"),

@@ -57,8 +57,10 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def start_mlflow_server(backend_uri: str, backend: str, workdir: Path) -> MlflowServer:
-    port = free_port()
+def start_mlflow_server(backend_uri: str, backend: str, workdir: Path,
+                        port: int | None = None, also_allowed: tuple[str, ...] = ()) -> MlflowServer:
+    """`also_allowed`: more Host headers to accept (a proxy's address in front of it)."""
+    port = port or free_port()
     artifacts = workdir / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "mlflow-server.log"
@@ -67,7 +69,7 @@ def start_mlflow_server(backend_uri: str, backend: str, workdir: Path) -> Mlflow
            "--serve-artifacts", "--artifacts-destination", str(artifacts),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            # 3.17 rejects Host headers outside its allow list (docs/architecture.md); say which we use
-           "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"]
+           "--allowed-hosts", ",".join((f"127.0.0.1:{port}", f"localhost:{port}", *also_allowed))]
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     # The huey job runner doubles the start time and is not used by these flows.

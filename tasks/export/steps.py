@@ -125,12 +125,17 @@ class Published:
 def publish(subject: ExportSubject, outcomes: list[FormatOutcome], plan: FormatPlan,
             sample: ParitySample, settings: ExportSettings) -> Published:
     """Store published files with the version (MLflow run artifacts `exports/...`), upload them
-    through the S3Bucket block when configured, write manifest.json and the edge bundle."""
+    through the S3Bucket block when configured, write manifest.json and the edge bundle.
+
+    S3 failing (the endpoint does not answer, credentials refused) does not stop the rest: the
+    files and manifest.json are still written locally and stored in MLflow, the manifest naming
+    only the S3 copies that were made; then an ExportError says what failed and that a rerun
+    uploads to the same keys."""
     client = mlflow_client()
     run_id = subject.run_id
     root = export_dir(subject.model_name, subject.version)
     artifact_root = client.get_run(run_id).info.artifact_uri.rstrip("/")
-    bucket = _s3_bucket(settings)
+    s3 = S3Upload(_s3_bucket(settings), settings)
     prefix = f"{settings.s3_folder.strip('/')}/{subject.model_name}/v{subject.version}"
 
     for outcome in outcomes:
@@ -139,8 +144,8 @@ def publish(subject: ExportSubject, outcomes: list[FormatOutcome], plan: FormatP
             continue
         client.log_artifacts(run_id, str(root / r.format), artifact_path=f"{EXPORTS}/{r.format}")
         r.uri = f"{artifact_root}/{EXPORTS}/{r.files[0].path}"
-        if bucket is not None:
-            uris = [_upload(bucket, root / f.path, f"{prefix}/{f.path}") for f in r.files]
+        uris = [s3.upload(root / f.path, f"{prefix}/{f.path}") for f in r.files]
+        if uris and None not in uris:
             r.s3_uri = uris[0]
 
     previous = read_manifest(run_id)
@@ -160,17 +165,67 @@ def publish(subject: ExportSubject, outcomes: list[FormatOutcome], plan: FormatP
         client.log_artifact(run_id, str(bundle), artifact_path=f"{EXPORTS}/{EDGE}")
         published.bundle_path = bundle
         published.bundle_uri = f"{artifact_root}/{EXPORTS}/{EDGE}/{bundle.name}"
-        if bucket is not None:
-            published.bundle_s3_uri = _upload(bucket, bundle, f"{prefix}/{EDGE}/{bundle.name}")
+        published.bundle_s3_uri = s3.upload(bundle, f"{prefix}/{EDGE}/{bundle.name}")
+        if published.bundle_s3_uri:
             manifest["bundle"]["s3_uri"] = published.bundle_s3_uri
     write_manifest(manifest, manifest_path)
     client.log_artifact(run_id, str(manifest_path), artifact_path=EXPORTS)
-    if bucket is not None:
-        _upload(bucket, manifest_path, f"{prefix}/{MANIFEST_NAME}")
+    s3.upload(manifest_path, f"{prefix}/{MANIFEST_NAME}")
     if any(o.result.status == "ok" for o in outcomes):
         # version tags: retention spares the newest champion export (devices may run it)
         record_export(client, subject.model_name, subject.version)
+    s3.raise_if_failed(subject, published)
     return published
+
+
+class S3Upload:
+    """The S3 side of a publication: uploads until the first failure, then skips the rest (an
+    endpoint that stopped answering would make every later file wait its timeouts again)."""
+
+    def __init__(self, bucket, settings: ExportSettings):
+        self.bucket, self.settings = bucket, settings
+        self.done = 0
+        self.skipped: list[str] = []
+        self.error: Exception | None = None
+
+    def upload(self, local: Path, key: str) -> str | None:
+        if self.bucket is None:
+            return None
+        if self.error is not None:
+            self.skipped.append(key)
+            return None
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            uri = _upload(self.bucket, local, key)
+        except (BotoCoreError, ClientError, S3UploadFailedError) as exc:
+            self.error = exc
+            self.skipped.append(key)
+            return None
+        self.done += 1
+        return uri
+
+    def raise_if_failed(self, subject: ExportSubject, published: Published) -> None:
+        if self.error is None:
+            return
+        endpoint = _endpoint(self.bucket)
+        raise ExportError(
+            f"uploading the exports of {subject.model_name} v{subject.version} to S3 failed "
+            f"(S3Bucket block {self.settings.s3_bucket_block!r}, bucket "
+            f"{self.bucket.bucket_name!r}, endpoint {endpoint}): {type(self.error).__name__}: "
+            f"{self.error}. {self.done} file(s) reached S3, {len(self.skipped)} did not (first: "
+            f"{self.skipped[0]}). The export itself is complete: stored in MLflow "
+            f"({published.manifest_uri}) and here ({published.manifest_path}), its manifest "
+            "listing only the S3 copies made. Check that the endpoint answers and the block's "
+            "credentials, then run export_model again: it uploads to the same keys (nothing is "
+            "duplicated). Bound the wait with the block's AwsClientParameters config "
+            "(connect_timeout, read_timeout, retries)")
+
+
+def _endpoint(bucket) -> str:
+    params = getattr(bucket.credentials, "aws_client_parameters", None)
+    return (getattr(params, "endpoint_url", None) or "AWS default")
 
 
 def library_versions(subject: ExportSubject, outcomes: list[FormatOutcome]) -> dict[str, Any]:
