@@ -17,7 +17,6 @@ import uuid
 
 import boto3
 import pytest
-from mlflow.tracking import MlflowClient
 
 from blocks.export_settings import DEFAULT_DOCUMENT, ExportSettings
 from flows.export import export_model
