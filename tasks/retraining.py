@@ -6,10 +6,11 @@ The decisions themselves are plain functions in tasks/retraining_rules.py.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -343,8 +344,12 @@ def retraining_slot(model_name: str, lease_s: float = SLOT_LEASE_S) -> Iterator[
     """Hold the model's strict global concurrency limit (1 slot) or refuse at once.
 
     The limit is created on first use. The holder's client renews the lease while it lives; a
-    holder that died (kill -9, lost machine) frees the slot when ``lease_s`` has passed.
+    holder that died (kill -9, lost machine) frees the slot when ``lease_s`` has passed. The
+    Prefect API being briefly away (a server restart) does not fail the retraining: a renewal
+    that fails is retried by the next one, and a release that cannot reach the API leaves the
+    slot to its lease (logged), instead of turning a finished retraining into a failed run.
     """
+    import httpx
     from prefect.client.orchestration import get_client
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
@@ -356,18 +361,26 @@ def retraining_slot(model_name: str, lease_s: float = SLOT_LEASE_S) -> Iterator[
             client.upsert_global_concurrency_limit_by_name(name, 1)
         except ObjectAlreadyExists:  # created by a concurrent first retraining
             pass
-    with ExitStack() as held:
-        try:
-            held.enter_context(concurrency(name, occupy=1, max_retries=0, strict=True,
-                                           lease_duration=lease_s))
-        except ConcurrencySlotAcquisitionError as exc:
-            if "423" not in str(exc):
-                raise
-            raise RetrainingInProgressError(
-                f"another retraining of {model_name!r} is running (concurrency limit {name!r} "
-                "has its one slot taken); this one is refused and nothing was changed. Wait for "
-                "it to finish (Prefect UI: Concurrency) and see retraining_history") from None
+    held = concurrency(name, occupy=1, max_retries=0, strict=True, lease_duration=lease_s,
+                       raise_on_lease_renewal_failure=False)
+    try:
+        held.__enter__()
+    except ConcurrencySlotAcquisitionError as exc:
+        if "423" not in str(exc):
+            raise
+        raise RetrainingInProgressError(
+            f"another retraining of {model_name!r} is running (concurrency limit {name!r} "
+            "has its one slot taken); this one is refused and nothing was changed. Wait for "
+            "it to finish (Prefect UI: Concurrency) and see retraining_history") from None
+    try:
         yield name
+    finally:
+        try:
+            held.__exit__(None, None, None)  # the release does not depend on how the body ended
+        except httpx.TransportError as exc:
+            logging.getLogger(__name__).warning(
+                "could not release the retraining slot %r (Prefect API unreachable: %s); it "
+                "frees itself when its lease ends, at most %.0f s from now", name, exc, lease_s)
 
 
 # --------------------------------------------------------------------------- promotion

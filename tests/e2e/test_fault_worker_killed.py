@@ -21,7 +21,7 @@ from blocks.retraining_policy import document_name
 from tasks.registry import model_slug
 from tasks.retraining import slot_name
 from tests.e2e.conftest import UP_TIMEOUT_S, Stack, _script, running_stack
-from tests.e2e.test_retraining import artifact, flow_run, save_policy
+from tests.e2e.test_retraining import artifact, flow_run, run_logs, save_policy
 from tests.e2e.test_stack import aliases, api, assert_completed
 
 pytestmark = pytest.mark.e2e
@@ -54,6 +54,17 @@ def data(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(scope="module")
+def champion(own_stack, data) -> int:
+    """MODEL v1, champion, through the deployment; the model's RetrainingPolicy document."""
+    assert_completed(own_stack, own_stack.run_deployment("train-model/default", {
+        "data": str(data["old"]), "target": "churn", "model_name": MODEL, "time_budget_s": 4}))
+    assert aliases(own_stack, MODEL) == {"champion": 1}
+    save_policy(own_stack, document_name(MODEL), training_data=str(data["labelled"]),
+                target="churn", slot_lease_s=LEASE_S)
+    return 1
+
+
 def slot(stack: Stack) -> dict | None:
     limits = api(stack, "/v2/concurrency_limits/filter", {})
     return next((c for c in limits if c["name"] == slot_name(MODEL)), None)
@@ -76,13 +87,9 @@ def versions(stack: Stack) -> list[int]:
 
 
 def test_a_killed_worker_crashes_the_run_frees_the_slot_and_a_rerun_makes_one_version(
-        own_stack, data):
+        own_stack, data, champion):
     stack = own_stack
-    assert_completed(stack, stack.run_deployment("train-model/default", {
-        "data": str(data["old"]), "target": "churn", "model_name": MODEL, "time_budget_s": 4}))
-    assert aliases(stack, MODEL) == {"champion": 1}
-    save_policy(stack, document_name(MODEL), training_data=str(data["labelled"]), target="churn",
-                slot_lease_s=LEASE_S)
+    assert versions(stack) == [champion]
 
     # A long retraining (a 120 s search) started without waiting for it.
     started = stack.prefect("deployment", "run", "retrain-model/default",
@@ -120,7 +127,7 @@ def test_a_killed_worker_crashes_the_run_frees_the_slot_and_a_rerun_makes_one_ve
     wait_for("the model's retraining slot frees", lambda: (slot(stack) or {}).get(
         "active_slots") == 0, LEASE_S + 60, every_s=2)
     freed_after = time.monotonic() - killed_at
-    assert aliases(stack, MODEL) == {"champion": 1} and versions(stack) == [1]
+    assert aliases(stack, MODEL) == {"champion": champion} and versions(stack) == [champion]
 
     # `make up` again: the dead worker is started anew; the rerun goes through.
     up = _script("up.sh", stack.env, UP_TIMEOUT_S)
@@ -140,7 +147,7 @@ def test_a_killed_worker_crashes_the_run_frees_the_slot_and_a_rerun_makes_one_ve
 
 
 def test_a_prefect_server_restart_during_a_run_ends_it_once_without_a_duplicate_version(
-        own_stack, data):
+        own_stack, data, champion):
     """Fault 5: the Prefect server stops (SIGTERM to its process group) while a retraining runs
     on the worker and comes back with `make up` 10 s later. The run ends Completed (its client
     retried through the outage) or Crashed (it gave up; the heartbeat automation says so) -- never
@@ -169,7 +176,9 @@ def test_a_prefect_server_restart_during_a_run_ends_it_once_without_a_duplicate_
                               else None)(flow_run(stack, run_id)), 300, every_s=3)
     after = versions(stack)
     assert after[:len(before)] == before and len(after) - len(before) <= 1, (before, after)
-    assert final["state_type"] in {"COMPLETED", "CRASHED"}, final["state"]
+    assert final["state_type"] in {"COMPLETED", "CRASHED"}, (
+        f"{final['state']['message']}\n--- run log\n{run_logs(stack, run_id)[-4000:]}\n"
+        f"--- worker log\n{stack.log_tail(lines=80)}")
     if final["state_type"] == "COMPLETED":
         assert len(after) == len(before) + 1, (before, after)
     else:  # a crashed retraining promotes nothing
