@@ -144,3 +144,29 @@ def test_rows_of_a_concluded_test_are_counted_as_dropped_not_lost_silently(store
     assert log.flush() == 0
     assert (log.logged, log.dropped) == (0, 2)
     assert "2 answered rows of A/B test" in caplog.text
+
+
+# --------------------------------------------------------------------------- access log
+@pytest.mark.parametrize("enabled", [False, True])
+def test_access_lines_only_when_the_setting_asks(tmp_path, caplog, enabled):
+    """One `api.access` line per request (method, path, status, ms) with access_log on; none by
+    default (on the prediction path the line cost more than the model call)."""
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from blocks.api_settings import APISettings
+
+    settings = APISettings(keys_file=str(tmp_path / "keys.json"), access_log=enabled)
+    assert APISettings().access_log is False
+    client = TestClient(create_app(settings))  # no lifespan: /health needs no model
+    with caplog.at_level(logging.INFO, logger="api.access"):
+        assert client.get("/health").status_code == 200
+        assert client.get("/nowhere").status_code == 404
+    lines = [r.getMessage() for r in caplog.records if r.name == "api.access"]
+    if enabled:
+        assert len(lines) == 2 and lines[0].startswith("GET /health 200 ")
+        assert lines[1].startswith("GET /nowhere 404 ")
+    else:
+        assert lines == []
