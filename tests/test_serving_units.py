@@ -170,3 +170,102 @@ def test_access_lines_only_when_the_setting_asks(tmp_path, caplog, enabled):
         assert lines[1].startswith("GET /nowhere 404 ")
     else:
         assert lines == []
+
+
+# --------------------------------------------------------------------------- the wire
+def test_a_response_head_goes_out_with_its_body_and_a_lone_head_soon_after():
+    """One send() per answer (head + body), in order; a head with nothing after it in the same
+    loop step (100 Continue, a stream's late first chunk) is not held longer than that step."""
+    import asyncio
+
+    from api.server import CoalescingTransport
+
+    class Wire:  # records what reaches the socket
+        def __init__(self):
+            self.sent, self.closed = [], False
+
+        def write(self, data):
+            self.sent.append(bytes(data))
+
+        def is_closing(self):
+            return self.closed
+
+        def close(self):
+            self.closed = True
+
+        def get_extra_info(self, name, default=None):
+            return {"peername": ("127.0.0.1", 5)}.get(name, default)
+
+    async def scenario():
+        wire = Wire()
+        t = CoalescingTransport(wire, asyncio.get_running_loop())
+        head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+        t.write(head)
+        t.write(b"{}")
+        assert wire.sent == [head + b"{}"]
+        t.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        assert len(wire.sent) == 1  # held for this loop step
+        await asyncio.sleep(0)
+        assert wire.sent[1].startswith(b"HTTP/1.1 200") and len(wire.sent) == 2
+        t.write(b"5\r\nhello\r\n")  # not a head: straight out
+        t.write(head)
+        t.close()  # a held head is written before the connection closes
+        assert wire.sent[2:] == [b"5\r\nhello\r\n", head] and wire.closed
+        assert t.get_extra_info("peername") == ("127.0.0.1", 5)
+
+    asyncio.run(scenario())
+
+
+def test_the_service_server_answers_plain_streamed_and_empty_responses_on_one_connection():
+    import asyncio
+    import threading
+    import time
+
+    import httpx
+    from fastapi import FastAPI
+    from fastapi.responses import Response, StreamingResponse
+
+    from api.server import TcpConfig
+    from tests.conftest import free_port
+
+    app = FastAPI()
+
+    @app.get("/plain")
+    async def plain():
+        return {"ok": True}
+
+    @app.get("/stream")
+    async def stream():
+        async def parts():
+            yield b"first,"
+            await asyncio.sleep(0.05)
+            yield b"second"
+        return StreamingResponse(parts(), media_type="text/plain")
+
+    @app.get("/empty")
+    async def empty():
+        return Response(status_code=204)
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(TcpConfig(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for _ in range(100):
+                try:
+                    client.get("/plain")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            for _ in range(3):  # keep-alive: every answer complete, none bleeding into the next
+                assert client.get("/plain").json() == {"ok": True}
+                assert client.get("/stream").text == "first,second"
+                r = client.get("/empty")
+                assert r.status_code == 204 and r.content == b""
+                assert client.head("/plain").status_code == 405
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
