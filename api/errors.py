@@ -180,11 +180,13 @@ def answer_exception(request: Request, exc: BaseException) -> JSONResponse:
 
 class RequestContextMiddleware:
     """Pure ASGI middleware: a request id on every answer (the caller's `X-Request-ID` when it
-    is a sane token, else a new one) and a limit on the request body (413 above it)."""
+    is a sane token, else a new one), a limit on the request body (413 above it) and, with
+    `access_log`, one `api.access` line per request."""
 
-    def __init__(self, app, max_body_bytes: int = 1_048_576):
+    def __init__(self, app, max_body_bytes: int = 1_048_576, access_log: bool = False):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.access_log = access_log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -226,8 +228,9 @@ class RequestContextMiddleware:
                 response = answer_exception(Request(scope), exc)
                 await response(scope, receive, send_with_id)
         finally:
-            access_logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status,
-                               (time.perf_counter() - began) * 1000)
+            if self.access_log:
+                access_logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status,
+                                   (time.perf_counter() - began) * 1000)
             request_id_var.reset(token)
 
     def _limited(self, receive):

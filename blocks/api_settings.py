@@ -49,6 +49,11 @@ class APISettings(Block):
         description="How often each worker re-reads the champion aliases and active A/B tests "
                     "of the models it serves (an alias move is served within this time plus "
                     "the load of the new version).")
+    access_log: bool = Field(
+        default=False,
+        description="Log one line per request (method, path, status, milliseconds, request id) "
+                    "on the `api.access` logger at INFO. Off by default: on the prediction path "
+                    "the line costs more than the model call.")
     prediction_log_flush_seconds: float = Field(
         default=0.2, gt=0, le=60,
         description="How often answered rows of A/B tests are written to the A/B store (in "

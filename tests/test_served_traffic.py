@@ -72,6 +72,28 @@ def test_column_dicts_are_kept_like_frames(state_dir):
     assert (merged["_merge"] == "both").all()
 
 
+def test_column_dicts_with_missing_values_read_back_as_the_frame_would(state_dir):
+    """What the service offers after checking rows (floats with NaN, ints, text with None, a
+    drawn subset of a batch) reads back as the same rows offered as a DataFrame would."""
+    columns = {"tenure": [1, 5, 9, 12], "monthly_charges": [20.5, math.nan, 30.0, 41.25],
+               "contract": ["Two year", None, "Month-to-month", "One year"],
+               "senior": [0.0, 1.0, math.nan, 0.0]}
+    with ServedTrafficSampler(1.0) as sampler:
+        sampler.offer("as_dict", 2, columns)
+        sampler.offer("as_frame", 2, pd.DataFrame(columns))
+    since = datetime.now(timezone.utc) - timedelta(minutes=5)
+    pd.testing.assert_frame_equal(load_served("as_dict", since), load_served("as_frame", since))
+    back = load_served("as_dict", since)
+    assert back["monthly_charges"].isna().tolist() == [False, True, False, False]
+    assert back["contract"].isna().tolist() == [False, True, False, False]
+
+    with ServedTrafficSampler(0.5, seed=3) as sampler:  # a drawn subset: only those rows
+        sampler.offer("subset", 2, {c: v * 25 for c, v in columns.items()})
+    kept = load_served("subset", since)
+    assert 20 < len(kept) < 80 and set(kept["tenure"]) <= {1, 5, 9, 12}
+    assert (kept[kept["tenure"] == 5]["monthly_charges"].isna()).all()
+
+
 def test_background_writer_flushes_without_a_call(state_dir):
     with ServedTrafficSampler(1.0, flush_rows=20, flush_seconds=0.2) as sampler:
         sampler.offer("churn", 1, rows(25))  # above flush_rows: wakes the writer at once

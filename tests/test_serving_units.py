@@ -144,3 +144,132 @@ def test_rows_of_a_concluded_test_are_counted_as_dropped_not_lost_silently(store
     assert log.flush() == 0
     assert (log.logged, log.dropped) == (0, 2)
     assert "2 answered rows of A/B test" in caplog.text
+
+
+# --------------------------------------------------------------------------- access log
+@pytest.mark.parametrize("enabled", [False, True])
+def test_access_lines_only_when_the_setting_asks(tmp_path, caplog, enabled):
+    """One `api.access` line per request (method, path, status, ms) with access_log on; none by
+    default (on the prediction path the line cost more than the model call)."""
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from blocks.api_settings import APISettings
+
+    settings = APISettings(keys_file=str(tmp_path / "keys.json"), access_log=enabled)
+    assert APISettings().access_log is False
+    client = TestClient(create_app(settings))  # no lifespan: /health needs no model
+    with caplog.at_level(logging.INFO, logger="api.access"):
+        assert client.get("/health").status_code == 200
+        assert client.get("/nowhere").status_code == 404
+    lines = [r.getMessage() for r in caplog.records if r.name == "api.access"]
+    if enabled:
+        assert len(lines) == 2 and lines[0].startswith("GET /health 200 ")
+        assert lines[1].startswith("GET /nowhere 404 ")
+    else:
+        assert lines == []
+
+
+# --------------------------------------------------------------------------- the wire
+def test_a_response_head_goes_out_with_its_body_and_a_streamed_head_at_once():
+    """One send() per answer (head + body), in order; a head whose body length is unknown (a
+    stream, 100 Continue) is not held; a held head is written before the connection closes."""
+    from api.server import CoalescingTransport
+
+    class Wire:  # records what reaches the socket
+        def __init__(self):
+            self.sent, self.closed = [], False
+
+        def write(self, data):
+            self.sent.append(bytes(data))
+
+        def is_closing(self):
+            return self.closed
+
+        def close(self):
+            self.closed = True
+
+        def get_extra_info(self, name, default=None):
+            return {"peername": ("127.0.0.1", 5)}.get(name, default)
+
+        pause_reading = resume_reading = get_write_buffer_size = lambda self: 0
+
+    wire = Wire()
+    t = CoalescingTransport(wire)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
+    t.write(head)
+    assert wire.sent == []
+    t.write(b"{}")
+    assert wire.sent == [head + b"{}"]
+    chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    t.write(chunked)
+    t.write(b"5\r\nhello\r\n")
+    assert wire.sent[1:] == [chunked, b"5\r\nhello\r\n"]
+    t.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert wire.sent[-1] == b"HTTP/1.1 100 Continue\r\n\r\n"
+    t.write(head)  # a HEAD answer: uvicorn writes no body, the end of the response flushes
+    t.flush()
+    assert wire.sent[-1] == head
+    t.write(head)
+    t.close()
+    assert wire.sent[-1] == head and wire.closed
+    assert t.get_extra_info("peername") == ("127.0.0.1", 5) and t.get_write_buffer_size() == 0
+
+
+def test_the_service_server_answers_plain_streamed_and_empty_responses_on_one_connection():
+    import asyncio
+    import threading
+    import time
+
+    import httpx
+    from fastapi import FastAPI
+    from fastapi.responses import Response, StreamingResponse
+
+    from api.server import TcpConfig
+    from tests.conftest import free_port
+
+    app = FastAPI()
+
+    @app.api_route("/plain", methods=["GET", "HEAD"])
+    async def plain():
+        return {"ok": True}
+
+    @app.get("/stream")
+    async def stream():
+        async def parts():
+            yield b"first,"
+            await asyncio.sleep(0.05)
+            yield b"second"
+        return StreamingResponse(parts(), media_type="text/plain")
+
+    @app.get("/empty")
+    async def empty():
+        return Response(status_code=204)
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(TcpConfig(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            for _ in range(100):
+                try:
+                    client.get("/plain")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            for _ in range(3):  # keep-alive: every answer complete, none bleeding into the next
+                assert client.get("/plain").json() == {"ok": True}
+                assert client.get("/stream").text == "first,second"
+                r = client.get("/empty")
+                assert r.status_code == 204 and r.content == b""
+                r = client.head("/plain")  # uvicorn writes no body after a HEAD's head
+                assert r.status_code == 200 and r.headers["content-length"] == "11"
+                assert client.post("/plain").status_code == 405
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
