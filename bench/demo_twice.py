@@ -33,9 +33,9 @@ def story_of(stdout: str, home: Path) -> list[str]:
     out = []
     for line in lines:
         line = line.replace(str(home), "<home>")
+        line = re.sub(r"demo-\d{8}-\d{6}\.log", "demo-<time>.log", line)
         line = re.sub(r"[a-z0-9-]+-\d{8}-[0-9a-f]{6}\b", "<test-id>", line)
         line = re.sub(r"/[0-9a-f]{32}/", "/<run-id>/", line)
-        line = re.sub(r"demo-\d{8}-\d{6}\.log", "demo-<time>.log", line)
         line = re.sub(r"\s+p50 .*$", "", line)  # export latencies: measured, so they vary
         out.append(line)
     return out
