@@ -152,7 +152,8 @@ def run_ours(folder: Path, info: dict, budget: float, home: Path) -> dict:
     score = holdout_score(task, METRIC[task], test[target], model.predict(X), proba,
                           getattr(model, "classes_", []))
     return {"score": score, "seconds": seconds, "family": result.family,
-            "trials": result.search.trials, "stop": result.search.stop_reason}
+            "trials": result.search.trials, "stop": result.search.stop_reason,
+            "search_s": result.search.seconds}
 
 
 # --------------------------------------------------------------------------- FLAML (its venv)
@@ -243,6 +244,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--skip-flaml", action="store_true")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--reuse-flaml", type=Path, metavar="JSON", help=(
+        "take FLAML's scores from an earlier run's --out instead of running it (quick iterations "
+        "on ours; the final comparison should measure both in the same run)"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--info", help=argparse.SUPPRESS)
@@ -253,7 +257,9 @@ def main() -> None:
         print(json.dumps(worker_flaml(args.folder, json.loads(args.info), args.budget, args.seed,
                                       args.learners)))
         return
-    if not args.skip_flaml and not FLAML_PYTHON.exists():
+    reused = ({r["name"]: r for r in json.loads(args.reuse_flaml.read_text())}
+              if args.reuse_flaml else {})
+    if not args.skip_flaml and not FLAML_PYTHON.exists() and set(args.datasets) - set(reused):
         sys.exit(f"{FLAML_PYTHON} not found: python3 -m venv .venv-flaml && "
                  ".venv-flaml/bin/pip install -r bench/requirements-training.txt "
                  "(or pass --skip-flaml)")
@@ -281,11 +287,15 @@ def main() -> None:
             row["baseline"] = run_baseline(folder, info)["score"]
             ours = run_ours(folder, info, args.budget, Path(tmp) / "state")
             row.update(ours=ours["score"], family=ours["family"], trials=ours["trials"],
-                       stop=ours["stop"], ours_s=ours["seconds"])
+                       stop=ours["stop"], ours_s=ours["seconds"], search_s=ours["search_s"])
             print(f"{name}: baseline {row['baseline']:.4f}, ours {ours['score']:.4f} "
                   f"({ours['family']}, {ours['trials']} trials, {ours['stop']}, "
-                  f"{ours['seconds']:.0f} s)", flush=True)
-            if not args.skip_flaml:
+                  f"{ours['seconds']:.0f} s, of which searching {ours['search_s']:.0f} s)",
+                  flush=True)
+            if name in reused:  # FLAML's scores from an earlier run's --out (not re-measured)
+                row.update({k: reused[name][k] for k in ("flaml_exp", "flaml_all",
+                                                         "flaml_exp_learners", "flaml_all_learners")})
+            elif not args.skip_flaml:
                 for learners in ("exportable", "all"):
                     for seed in args.seeds:
                         res = run_flaml(folder, info, args.budget, seed, learners)
@@ -296,6 +306,9 @@ def main() -> None:
                               f"({res['learner']}, {res['seconds']:.0f} s)", flush=True)
             rows.append(row)
     print("\n".join(["", *table(rows, args.budget)]))
+    if reused:
+        print(f"(FLAML's figures for {', '.join(n for n in args.datasets if n in reused)} come "
+              f"from {args.reuse_flaml}, an earlier run)")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

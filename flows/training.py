@@ -60,8 +60,8 @@ def train_model(
         metric: Metric to select by (roc_auc, accuracy, balanced_accuracy, f1_macro, log_loss,
             rmse, mae, r2); empty: the task's default.
         time_budget_s: Seconds for the search: it stops at 70% of it (or earlier once it has
-            converged); the refit of the winner, the holdout scoring and the logging come after
-            and are not cut. Ignored when max_trials is set.
+            converged); the winner's two fits (search rows, then every row), the holdout
+            scoring and the logging come after and are not cut. Ignored when max_trials is set.
         candidates: Families to search (linear, random_forest, extra_trees,
             hist_gradient_boosting); empty: all.
         random_state: Seed of the search, the splits and the models.

@@ -481,16 +481,24 @@ class ABStore:
                     power: float, srm_threshold: float, sequential_tuning: float,
                     test_id: str, description: str = "", created_at_ms: int | None = None
                     ) -> TestRecord:
-        """Insert an active test and its two arm rows; ActiveTestExistsError if the model has one."""
+        """Insert an active test and its two arm rows; ActiveTestExistsError if the model has one.
+
+        The routing seed is `<model>#<n>` for the model's n-th test in this store, not the random
+        test id: a fresh store replays the same traffic into the same arms (the main job prints
+        the same A/B figures on every run), while each new test of a model still reshuffles who
+        sees the challenger."""
         check_test_id(test_id)
         created = created_at_ms if created_at_ms is not None else now_ms()
 
         def work(conn: Connection) -> int:
+            earlier = conn.execute(sa.select(sa.func.count()).select_from(tests_table).where(
+                tests_table.c.model_name == model_name)).scalar_one()
+            seed = f"{model_name[:70]}#{earlier + 1}"  # (the seed column holds 80 characters)
             pk = conn.execute(sa.insert(tests_table).values(
                 test_id=test_id, model_name=model_name, active_model=model_name,
                 champion_version=int(champion_version), challenger_version=int(challenger_version),
                 traffic_split=float(traffic_split), metric_type=metric_type,
-                higher_is_better=bool(higher_is_better), seed=test_id,
+                higher_is_better=bool(higher_is_better), seed=seed,
                 min_samples_per_arm=int(min_samples_per_arm),
                 min_duration_days=float(min_duration_days), alpha=float(alpha), power=float(power),
                 srm_threshold=float(srm_threshold), sequential_tuning=float(sequential_tuning),

@@ -157,7 +157,10 @@ def test_score_batch_routes_sticky_by_id_and_logs_every_prediction(state_dir, mo
     assert abs(result.n_challenger - 900) < 100
     out = pd.read_parquet(result.output)
     assert list(out.columns) == ["id", "arm", "version", "prediction", "proba_No", "proba_Yes"]
-    expected = assign_arms(test_id, traffic.customer_id.tolist(), 0.3)
+    # the routing seed is the model's test count in the store, not the random test id
+    seed = open_store().get_test(test_id).seed
+    assert seed == f"{MODEL}#1"
+    expected = assign_arms(seed, traffic.customer_id.tolist(), 0.3)
     assert out.arm.tolist() == list(expected)
     assert set(out.loc[out.arm == "challenger", "version"]) == {models["v2"]}
     assert set(out.loc[out.arm == "champion", "version"]) == {models["v1"]}

@@ -283,7 +283,10 @@ def test_a_closed_test_takes_no_writes(store):
     with pytest.raises(ABTestClosedError, match="already concluded"):
         store.close_test(test, forced=False, conclusion="again", final_results={})
     assert store.fingerprint() == before
-    assert store.active_test("m") is None and new_test(store).status == "active"
+    assert store.active_test("m") is None
+    # the next test of the model routes with a new seed (a fresh store: the same seeds)
+    again = new_test(store)
+    assert again.status == "active" and (test.seed, again.seed) == ("m#1", "m#2")
 
 
 def test_unknown_and_malformed_test_ids(store):
