@@ -1,6 +1,7 @@
 """Running the service with uvicorn (`python -m api`), one process or several workers."""
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import uvicorn
@@ -35,40 +36,34 @@ class CoalescingTransport:
     uvicorn writes the head of a response when the app sends `http.response.start` and the body
     at `http.response.body`: two send() calls and, with TCP_NODELAY, two segments per answer,
     each paid with the GIL held (uvloop's write: a third of a prediction worker's time under
-    load, py-spy --gil) and each waking the client. Here a head that announces a
-    `content-length` is held back and written with the next write (the body uvicorn writes next),
-    or when the response is complete without one (HEAD) or the connection closes; a head without
-    it (a streamed answer, an interim 100 Continue) goes out at once. Everything else is the
-    wrapped transport's."""
+    load, py-spy --gil) and each waking the client. Here a head is held back and written with
+    the next write, which for every response comes in the same loop step; a head alone (an
+    interim 100 Continue, a streamed body that comes later) goes out at the next loop turn.
+    Everything else is the wrapped transport's."""
 
-    __slots__ = ("_transport", "_held", "is_closing", "pause_reading", "resume_reading",
-                 "get_extra_info")
+    __slots__ = ("_transport", "_loop", "_held")
 
-    def __init__(self, transport) -> None:
-        self._transport, self._held = transport, None
-        # bound once: uvicorn calls these on every request (no __getattr__ detour)
-        self.is_closing, self.get_extra_info = transport.is_closing, transport.get_extra_info
-        self.pause_reading, self.resume_reading = transport.pause_reading, transport.resume_reading
+    def __init__(self, transport, loop) -> None:
+        self._transport, self._loop, self._held = transport, loop, None
 
     def write(self, data) -> None:
         held = self._held
         if held is not None:
             self._held = None
             self._transport.write(held + data)
-        elif (data[:5] == b"HTTP/" and data[-4:] == b"\r\n\r\n"
-              and b"\r\ncontent-length:" in data.lower()):
+        elif data[:5] == b"HTTP/" and data[-4:] == b"\r\n\r\n":
             self._held = bytes(data)
+            self._loop.call_soon(self._release)
         else:
             self._transport.write(data)
 
-    def flush(self) -> None:
-        """Write a held head now (a response complete without a body write: HEAD)."""
+    def _release(self) -> None:
         held, self._held = self._held, None
         if held is not None and not self._transport.is_closing():
             self._transport.write(held)
 
     def close(self) -> None:
-        self.flush()
+        self._release()
         self._transport.close()
 
     def __getattr__(self, name):
@@ -78,11 +73,8 @@ class CoalescingTransport:
 def _coalescing(protocol_class: type) -> type:
     class Coalescing(protocol_class):
         def connection_made(self, transport, *args) -> None:
-            super().connection_made(CoalescingTransport(transport), *args)
-
-        def on_response_complete(self) -> None:
-            self.transport.flush()
-            super().on_response_complete()
+            loop = asyncio.get_running_loop()
+            super().connection_made(CoalescingTransport(transport, loop), *args)
 
     Coalescing.__name__ = Coalescing.__qualname__ = f"Coalescing{protocol_class.__name__}"
     return Coalescing
