@@ -252,11 +252,23 @@ def main() -> None:
 
 
 def served_rows(metrics_url: str) -> int:
+    """The service's answered rows once the requests wrk left in flight are done (the count
+    stays the same over a second)."""
     import httpx
 
-    text = httpx.get(metrics_url, timeout=30).text
-    return int(sum(float(m.group(1)) for m in re.finditer(
-        r"^model_predictions_total\{[^}]*\} (\S+)$", text, re.M)))
+    def read() -> int:
+        text = httpx.get(metrics_url, timeout=30).text
+        return int(sum(float(m.group(1)) for m in re.finditer(
+            r"^model_predictions_total\{[^}]*\} (\S+)$", text, re.M)))
+
+    count = read()
+    for _ in range(20):
+        time.sleep(1.0)
+        now = read()
+        if now == count:
+            return count
+        count = now
+    return count
 
 
 def logged_rows() -> int:
