@@ -18,8 +18,8 @@ from flows.parameters import DataRef, data_flow
 from tasks.events import emit_model_event
 from tasks.export.base import plan_formats
 from tasks.export.report import ExportReport, ExportResult, summary_line, table_rows
-from tasks.export.steps import (export_one, fetch_export, load_subject, parity_sample, publish,
-                                reference_outputs)
+from tasks.export.steps import (export_one, fetch_export, load_subject, one_export_at_a_time,
+                                parity_sample, publish, reference_outputs)
 from tasks.registry import model_slug, validate_model_name
 
 FormatName = Literal["onnx", "pmml", "tflite", "coreml", "edge"]
@@ -56,9 +56,10 @@ def export_model(
     reference = reference_outputs(subject, sample, settings.latency_rows)
     options = {"latency_rows": settings.latency_rows,
                "pmml_failure_reports": settings.pmml_failure_reports}
-    outcomes = [export_one(fmt, subject, sample, reference, fmt in plan.quantize, options)
-                for fmt in plan.formats]
-    published = publish(subject, outcomes, plan, sample, settings)
+    with one_export_at_a_time(subject.model_name, subject.version):
+        outcomes = [export_one(fmt, subject, sample, reference, fmt in plan.quantize, options)
+                    for fmt in plan.formats]
+        published = publish(subject, outcomes, plan, sample, settings)
 
     results: list[ExportResult] = [o.result for o in outcomes]
     key = f"export-{model_slug(model_name)}-v{subject.version}"

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import platform
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 from prefect import get_run_logger, task
@@ -31,6 +32,23 @@ MIN_PARITY_ROWS = 1000
 def export_dir(model_name: str, version: int) -> Path:
     """Local home of a version's exports: <state>/exports/<model-slug>/v<version>/."""
     return state_dir() / EXPORTS / model_slug(model_name) / f"v{version}"
+
+
+@contextmanager
+def one_export_at_a_time(model_name: str, version: int) -> Iterator[None]:
+    """Hold the version's export folder: a second export of the same version on this machine
+    (an event trigger and a user's request at once) waits instead of rewriting files the first
+    is hashing and publishing."""
+    import fcntl
+
+    folder = export_dir(model_name, version)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".v{version}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- load

@@ -149,9 +149,12 @@ def test_a_killed_worker_crashes_the_run_frees_the_slot_and_a_rerun_makes_one_ve
 def test_a_prefect_server_restart_during_a_run_ends_it_once_without_a_duplicate_version(
         own_stack, data, champion):
     """Fault 5: the Prefect server stops (SIGTERM to its process group) while a retraining runs
-    on the worker and comes back with `make up` 10 s later. The run ends Completed (its client
-    retried through the outage) or Crashed (it gave up; the heartbeat automation says so) -- never
-    stuck Running -- and no version is registered twice."""
+    on the worker and comes back with `make up` 10 s later. The run ends -- never stuck Running --
+    Completed (its clients retried through the outage), Crashed (the heartbeat automation), or
+    Failed with the unreachable API named: Prefect 3.9's engine creates each task run with a client
+    that fails at once on a refused connection until it has connected once (prefect/client/base.py
+    retries ConnectError only after a first connection), so a task started during the outage
+    fails the run. No version is registered twice and the audit is clean either way."""
     stack = own_stack
     before = versions(stack)
     champion_before = aliases(stack, MODEL)["champion"]
@@ -176,12 +179,13 @@ def test_a_prefect_server_restart_during_a_run_ends_it_once_without_a_duplicate_
                               else None)(flow_run(stack, run_id)), 300, every_s=3)
     after = versions(stack)
     assert after[:len(before)] == before and len(after) - len(before) <= 1, (before, after)
-    assert final["state_type"] in {"COMPLETED", "CRASHED"}, (
-        f"{final['state']['message']}\n--- run log\n{run_logs(stack, run_id)[-4000:]}\n"
-        f"--- worker log\n{stack.log_tail(lines=80)}")
+    message = final["state"]["message"] or ""
+    explained = (f"{message}\n--- run log\n{run_logs(stack, run_id)[-4000:]}\n"
+                 f"--- worker log\n{stack.log_tail(lines=80)}")
+    assert final["state_type"] in {"COMPLETED", "CRASHED"} or "ConnectError" in message, explained
     if final["state_type"] == "COMPLETED":
         assert len(after) == len(before) + 1, (before, after)
-    else:  # a crashed retraining promotes nothing
+    elif len(after) == len(before):  # nothing registered: nothing promoted either
         assert aliases(stack, MODEL)["champion"] == champion_before
     audit = stack.run_deployment("audit-registry/default", {"model_name": MODEL})
     assert_completed(stack, audit)
