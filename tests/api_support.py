@@ -67,8 +67,9 @@ def use_experiment(name: str) -> None:
 
 
 @contextmanager
-def api_world(tmp_path_factory, template_db: Path, name: str) -> Iterator[World]:
-    """MLOPS_HOME on a fresh state folder, three keys, the app and its client; undone after."""
+def api_world(tmp_path_factory, template_db: Path, name: str, **settings: object) -> Iterator[World]:
+    """MLOPS_HOME on a fresh state folder, three keys, the app (APISettings fields: SETTINGS) and
+    its client; undone after."""
     home = tmp_path_factory.mktemp(name)
     state = home / "state"
     state.mkdir()
@@ -79,9 +80,9 @@ def api_world(tmp_path_factory, template_db: Path, name: str) -> Iterator[World]
     keys_file = KeyFile(home / "keys.json")
     keys = {scope: keys_file.create(f"test-{scope}", [scope])[0]
             for scope in ("read", "write", "admin")}
-    settings = APISettings(keys_file=str(keys_file.path), key_cache_seconds=0.3)
+    app_settings = APISettings(keys_file=str(keys_file.path), key_cache_seconds=0.3, **settings)
     try:
-        with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        with TestClient(create_app(app_settings), raise_server_exceptions=False) as client:
             yield World(home=home, client=client, keys=keys, keys_file=keys_file)
     finally:
         mlflow.set_tracking_uri(None)

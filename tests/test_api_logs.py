@@ -23,7 +23,8 @@ FIELDS = {"timestamp", "level", "message", "module", "model_name", "version", "r
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, mlflow_template_db):
-    with api_world(tmp_path_factory, mlflow_template_db, "api-logs") as world:
+    # access lines are off by default (APISettings.access_log): this file checks them too
+    with api_world(tmp_path_factory, mlflow_template_db, "api-logs", access_log=True) as world:
         yield world
 
 
