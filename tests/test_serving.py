@@ -218,7 +218,10 @@ def test_live_routing_agrees_with_score_batch_and_every_row_is_logged(world, ab_
         arms += [p["arm"] for p in r.json()["predictions"]]
         versions += [p["version"] for p in r.json()["predictions"]]
         assert [p["id"] for p in r.json()["predictions"]] == chunk
-    assert arms == assign_arms(ab_test["test_id"], ids, 0.3).tolist()
+    from tasks.ab import open_store
+
+    seed = open_store().get_test(ab_test["test_id"]).seed  # the test's routing seed
+    assert arms == assign_arms(seed, ids, 0.3).tolist()
     assert {(a, v) for a, v in zip(arms, versions)} == {("champion", 2), ("challenger", 1)}
     world.client.app.state.prediction_log.flush()
     # the same ids scored by score_batch (a replayed batch) get the same arms
