@@ -493,7 +493,7 @@ class ABStore:
         def work(conn: Connection) -> int:
             earlier = conn.execute(sa.select(sa.func.count()).select_from(tests_table).where(
                 tests_table.c.model_name == model_name)).scalar_one()
-            seed = f"{model_name[:70]}#{earlier + 1}"  # (the seed column holds 80 characters)
+            seed = f"{model_name[:70]}#{earlier + 1}"  # the routing-seed column holds 80 characters
             pk = conn.execute(sa.insert(tests_table).values(
                 test_id=test_id, model_name=model_name, active_model=model_name,
                 champion_version=int(champion_version), challenger_version=int(challenger_version),
