@@ -19,10 +19,20 @@ Tables (schema version 1; `ab_schema_version` says which version a database hold
   two rows whatever the size of the log (docs/architecture.md, "SQL aggregation").
 * ``ab_snapshots`` -- the running sums after each batch of outcomes (one row per batch), for the
   lift-over-time plot.
+* ``ab_batches`` (schema version 2) -- the id and the result of every write of predictions or
+  outcomes, inserted in the same transaction as the rows. A write whose COMMIT reached the
+  database but whose acknowledgement was lost (a restart, a dropped connection) is retried with the
+  same id; the retry finds the id and returns the first result instead of counting the rows again.
+  Kept ``BATCH_MEMORY_DAYS`` days (pruned by the writes themselves).
 
 :meth:`ABStore.recount` recomputes the sums from the log with one aggregation over the covering
 index ``ab_units_covering (test_pk, arm, outcome)``: the audit of the running sums (and what
 `bench/ab.py` compares against).
+
+A write of predictions or outcomes that fails because the database does not answer (a restart, a
+connection cut) is retried with its batch id for up to ``ABStore.unavailable_seconds``, then
+raises :class:`StoreUnavailableError`; nothing is lost or counted twice either way
+(tests/test_ab_store_faults.py restarts a private PostgreSQL under load to prove it).
 
 Writes on SQLite run in ``BEGIN IMMEDIATE`` transactions (one writer at a time, no lock upgrade
 deadlocks) in WAL mode; on PostgreSQL the rows a write reads are locked ``FOR UPDATE`` and the
@@ -37,8 +47,9 @@ import re
 import secrets
 import threading
 import time
+import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
@@ -47,11 +58,11 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from tasks.errors import DataError, MlopsError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CHAMPION_ARM, CHALLENGER_ARM = 0, 1
 ARM_NAMES = {CHAMPION_ARM: "champion", CHALLENGER_ARM: "challenger"}
 ARM_CODES = {v: k for k, v in ARM_NAMES.items()}
@@ -60,6 +71,8 @@ TEST_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,79}$")
 MAX_KEY_CHARS = 200
 CHUNK = 5000  # keys per IN (...) lookup: below SQLite's 32,766 bound variables
 WRITE_RETRIES = 3
+UNAVAILABLE_SECONDS = 30.0  # how long a batch write waits for a database that does not answer
+BATCH_MEMORY_DAYS = 7  # how long a batch id is remembered (longer than any client keeps a retry)
 _PG_LOCK_KEY = 7_166_353_451  # pg_advisory_xact_lock key serialising schema creation/migration
 
 
@@ -91,6 +104,11 @@ class ABTestNotReadyError(ABTestStateError):
 class StoreError(ABTestError, RuntimeError):
     """The database cannot be used as an A/B store (schema newer than the code, concurrent
     writers that kept colliding, ...)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database did not answer for the whole wait of a batch write: the batch was not
+    written, or was written exactly once (retrying with the same batch id is safe)."""
 
 
 # --------------------------------------------------------------------------- schema
@@ -190,12 +208,25 @@ snapshots_table = sa.Table(
                           ("total_sq", sa.Float))],
 )
 
+# no foreign key to ab_tests: a batch id is a uuid, rows of a deleted test are pruned by age
+batches_table = sa.Table(
+    "ab_batches", metadata,
+    sa.Column("test_pk", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("batch_id", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("result", sa.Text, nullable=False),
+    sa.Column("at_ms", sa.BigInteger, nullable=False),
+    sa.Index("ab_batches_age", "test_pk", "at_ms"),
+)
+
 TABLES = ("ab_tests", "ab_arm_stats", "ab_units", "ab_predictions", "ab_snapshots",
-          "ab_schema_version")
+          "ab_batches", "ab_schema_version")
 
 #: version -> function migrating a database from that version to the next one (same
-#: transaction as the version bump). Empty while version 1 is the only one.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+#: transaction as the version bump).
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: lambda conn: batches_table.create(conn),  # 1 -> 2: batch ids of idempotent writes
+}
 
 
 # --------------------------------------------------------------------------- records
@@ -444,6 +475,42 @@ class _Collision(Exception):
     """A concurrent writer changed rows between our read and our write: retry the transaction."""
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """The identity of one write of predictions or outcomes (see ``ab_batches``)."""
+
+    test_pk: int
+    batch_id: str
+    kind: str
+    encode: Callable[[Any], dict]
+    decode: Callable[[dict], Any]
+
+    def replay(self, conn: Connection) -> Any | None:
+        """The result of this batch if it was committed before, else None."""
+        b = batches_table.c
+        stored = conn.execute(sa.select(b.result).where(
+            b.test_pk == self.test_pk, b.batch_id == self.batch_id)).scalar()
+        return None if stored is None else self.decode(json.loads(stored))
+
+    def record(self, conn: Connection, result: Any) -> None:
+        b = batches_table.c
+        at = now_ms()
+        conn.execute(sa.insert(batches_table).values(
+            test_pk=self.test_pk, batch_id=self.batch_id, kind=self.kind,
+            result=json.dumps(self.encode(result)), at_ms=at))
+        conn.execute(sa.delete(batches_table).where(
+            b.test_pk == self.test_pk, b.at_ms < at - BATCH_MEMORY_DAYS * 86_400_000))
+
+
+def _check_batch_id(batch_id: str | None) -> str:
+    if batch_id is None:
+        return uuid.uuid4().hex
+    if not isinstance(batch_id, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", batch_id):
+        raise DataError(f"batch id {str(batch_id)[:80]!r} is not valid: 1 to 64 letters, digits "
+                        "or _.:- (a uuid4 hex works)")
+    return batch_id
+
+
 # --------------------------------------------------------------------------- the store
 class ABStore:
     """The A/B tables in one database. Cheap to construct: engines are cached per URL."""
@@ -454,6 +521,7 @@ class ABStore:
         self.url = normalise_database_url(url)
         self.engine = get_engine(self.url)
         self._writer = self.engine.execution_options(ab_write=True)
+        self.unavailable_seconds = UNAVAILABLE_SECONDS
 
     @property
     def backend(self) -> str:
@@ -462,17 +530,50 @@ class ABStore:
     def describe(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
 
-    def _write(self, work: Callable[[Connection], Any]) -> Any:
-        """Run `work` in one write transaction, retried when a concurrent writer collided."""
-        for attempt in range(WRITE_RETRIES):
+    def _write(self, work: Callable[[Connection], Any], batch: _Batch | None = None) -> Any:
+        """Run `work` in one write transaction, retried when a concurrent writer collided.
+
+        With a `batch`, also retried while the database does not answer (for up to
+        `unavailable_seconds`): the batch id is recorded in the same transaction, so a retry of
+        a write that did commit returns the first result and writes nothing."""
+        collisions, waited_since, pause = 0, None, 0.1
+        while True:
             try:
                 with self._writer.begin() as conn:
-                    return work(conn)
+                    if batch is not None:
+                        done = batch.replay(conn)
+                        if done is not None:
+                            return done
+                    result = work(conn)
+                    if batch is not None:
+                        batch.record(conn, result)
+                    return result
             except _Collision:
-                if attempt == WRITE_RETRIES - 1:
+                collisions += 1
+                if collisions == WRITE_RETRIES:
                     raise StoreError("concurrent writers kept changing the same A/B test rows; "
                                      "nothing was written, retry the call") from None
-                time.sleep(0.05 * (attempt + 1))
+                time.sleep(0.05 * collisions)
+            except IntegrityError:
+                if batch is None:
+                    raise
+                collisions += 1  # the same batch id committed by a concurrent replay: replay it
+                if collisions == WRITE_RETRIES:
+                    raise
+            except (OperationalError, InterfaceError) as exc:
+                if batch is None:
+                    raise
+                waited_since = waited_since or time.monotonic()
+                waited = time.monotonic() - waited_since
+                if waited >= self.unavailable_seconds:
+                    raise StoreUnavailableError(
+                        f"the A/B store {self.describe()} did not answer for {waited:.0f} s "
+                        f"({type(exc.orig or exc).__name__}: {' '.join(str(exc.orig or exc).split())[:200]}); "
+                        f"batch {batch.batch_id} of {batch.kind} was not written or was written "
+                        "once: retry with the same batch id once the database is back (check "
+                        "that it runs and that the URL of the ABPolicy block is right)") from exc
+                time.sleep(min(pause, max(0.0, self.unavailable_seconds - waited)))
+                pause = min(pause * 2, 1.0)
 
     # ---------------------------------------------------------------- tests
     def create_test(self, *, model_name: str, champion_version: int, challenger_version: int,
@@ -586,12 +687,16 @@ class ABStore:
     # ---------------------------------------------------------------- predictions
     def log_predictions(self, test: TestRecord, keys: Sequence[str], arms: Sequence[int],
                         predictions: Sequence[str | None], scores: Sequence[float | None],
-                        times_ms: Sequence[int]) -> dict[str, int]:
+                        times_ms: Sequence[int], batch_id: str | None = None) -> dict[str, int]:
         """Log every prediction and route new keys, in one transaction.
 
         `arms` are 0 (champion) / 1 (challenger) per row, as routed by the caller; a key already
         routed keeps its first arm (sticky). Returns the number of newly routed keys per arm.
+        `batch_id` names these rows: a second call with the same id writes nothing and returns
+        the first call's result (give the same id when retrying the same rows; one is made up
+        when None).
         """
+        batch = _Batch(test.pk, _check_batch_id(batch_id), "predictions", dict, dict)
         n = len(keys)
         if not (len(arms) == len(predictions) == len(scores) == len(times_ms) == n):
             raise ValueError("keys, arms, predictions, scores and times_ms must have equal lengths")
@@ -642,18 +747,21 @@ class ABStore:
 
         if n == 0:
             return {"champion": 0, "challenger": 0}
-        return self._write(work)
+        return self._write(work, batch)
 
     # ---------------------------------------------------------------- outcomes
     def record_outcomes(self, test: TestRecord, keys: Sequence[str], values: Sequence[float],
-                        times_ms: Sequence[int]) -> OutcomeCounts:
+                        times_ms: Sequence[int], batch_id: str | None = None) -> OutcomeCounts:
         """Join outcomes to routed keys; one transaction.
 
         Per row: a key never routed in this test -> unknown; a key whose stored outcome equals the
         value (or that repeats an earlier row of this batch) -> duplicate; a key whose stored
         outcome differs, or that appears with different values within the batch -> conflicting
         (rejected); otherwise recorded. recorded + duplicates + unknown + conflicting = rows.
+        `batch_id` as in :meth:`log_predictions`: a retry returns the first call's counts.
         """
+        batch = _Batch(test.pk, _check_batch_id(batch_id), "outcomes", asdict,
+                       lambda d: OutcomeCounts(**d))
         keys = list(keys)
         vals = np.asarray(values, dtype=float)
         times = [int(t) for t in times_ms]
@@ -730,7 +838,7 @@ class ABStore:
 
         if not keys:
             return OutcomeCounts(0, 0, 0, 0, {"champion": 0, "challenger": 0})
-        return self._write(work)
+        return self._write(work, batch)
 
     def _snapshot(self, conn: Connection, test: TestRecord, at_ms: int) -> None:
         rows = {ARM_NAMES[int(r.arm)]: r for r in conn.execute(

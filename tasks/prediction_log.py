@@ -8,14 +8,17 @@ shutdown, so rows answered = rows logged.
 
 A write that fails because the database does not answer keeps the rows for the next flush (up to
 `max_buffered_rows`, then the oldest are dropped and counted in `dropped`, with an error in the
-log). Rows of a test concluded meanwhile cannot be logged any more (the store refuses them): they
-are counted in `dropped` and named in the log.
+log). Each flushed batch has an id that stays with its rows until they are written: the store
+remembers the ids it committed, so a batch whose commit went through but whose acknowledgement was
+lost is not logged a second time by the next flush. Rows of a test concluded meanwhile cannot be
+logged any more (the store refuses them): they are counted in `dropped` and named in the log.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -32,6 +35,7 @@ class _Pending:
     predictions: list[str | None] = field(default_factory=list)
     scores: list[float | None] = field(default_factory=list)
     times_ms: list[int] = field(default_factory=list)
+    batch_id: str | None = None  # set when first written; kept while the rows wait for a retry
 
 
 class PredictionLog:
@@ -43,6 +47,7 @@ class PredictionLog:
         self.flush_seconds, self.flush_rows = flush_seconds, flush_rows
         self.max_buffered_rows = max_buffered_rows
         self._pending: dict[str, _Pending] = {}
+        self._unwritten: list[_Pending] = []  # failed batches, retried first with their own ids
         self._buffered = 0
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -74,7 +79,8 @@ class PredictionLog:
         """Write everything buffered now; the number of rows written."""
         with self._flush_lock:
             with self._lock:
-                batches, self._pending, self._buffered = list(self._pending.values()), {}, 0
+                batches = self._unwritten + list(self._pending.values())
+                self._pending, self._unwritten, self._buffered = {}, [], 0
             written = 0
             for p in batches:
                 written += self._write(p)
@@ -82,9 +88,10 @@ class PredictionLog:
 
     def _write(self, p: _Pending) -> int:
         n = len(p.keys)
+        p.batch_id = p.batch_id or uuid.uuid4().hex
         try:
             self.store.log_predictions(p.test, p.keys, p.arms, p.predictions, p.scores,
-                                       p.times_ms)
+                                       p.times_ms, batch_id=p.batch_id)
         except ABTestClosedError as exc:
             self.dropped += n
             logger.error("%d answered rows of A/B test %s were not logged: %s", n,
@@ -99,20 +106,20 @@ class PredictionLog:
         return n
 
     def _requeue(self, p: _Pending) -> None:
+        # kept whole under its batch id, never merged with newer rows: the failed write may have
+        # committed, and only the same id with the same rows lets the store recognise it
         with self._lock:
-            q = self._pending.get(p.test.test_id)
-            if q is not None:  # older rows first
-                p.keys += q.keys; p.arms += q.arms; p.predictions += q.predictions
-                p.scores += q.scores; p.times_ms += q.times_ms
-            excess = len(p.keys) - self.max_buffered_rows
-            if excess > 0:
-                self.dropped += excess
+            self._unwritten.append(p)
+            waiting = self._unwritten + list(self._pending.values())
+            excess = sum(len(x.keys) for x in waiting) - self.max_buffered_rows
+            # the oldest whole batches go first (a cut batch would no longer match its id)
+            while excess > 0 and self._unwritten:
+                old = self._unwritten.pop(0)
+                self.dropped += len(old.keys)
+                excess -= len(old.keys)
                 logger.error("prediction log buffer full: dropped the %d oldest rows of A/B "
-                             "test %s", excess, p.test.test_id)
-                for name in ("keys", "arms", "predictions", "scores", "times_ms"):
-                    setattr(p, name, getattr(p, name)[excess:])
-            self._pending[p.test.test_id] = p
-            self._buffered = sum(len(x.keys) for x in self._pending.values())
+                             "test %s", len(old.keys), old.test.test_id)
+            self._buffered = sum(len(x.keys) for x in self._unwritten + list(self._pending.values()))
 
     def start(self) -> None:
         def loop():

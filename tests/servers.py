@@ -97,3 +97,178 @@ class WatchingProxy:
     def close(self) -> None:
         self._closed = True
         self._listener.close()
+
+
+class PrivatePostgres:
+    """A throw-away PostgreSQL cluster (initdb + pg_ctl) on its own loopback port, for tests that
+    restart or stop the database: never the shared server other tests use at the same time.
+
+    The binaries come from PATH or /usr/lib/postgresql/<newest>/bin. PostgreSQL refuses to run
+    as root: under root the cluster belongs to the `postgres` user (its folder is chowned and
+    every command runs through `runuser -u postgres`). fsync is off: the faults kill the server
+    process, never the machine, so the operating system still holds every write."""
+
+    def __init__(self, port: int):
+        import glob
+        import shutil
+        import tempfile
+
+        found = shutil.which("pg_ctl")
+        if found:
+            self.bin = Path(found).parent
+        else:
+            versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+                              key=lambda p: int(Path(p).parts[-3]))
+            if not versions:
+                raise RuntimeError("no PostgreSQL server binaries (pg_ctl, initdb): install the "
+                                   "postgresql package")
+            self.bin = Path(versions[-1]).parent
+        self.port = port
+        self.root = Path(tempfile.mkdtemp(prefix="mlops-private-pg-"))
+        self.data, self.log = self.root / "data", self.root / "server.log"
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.root, "postgres", "postgres")
+
+    def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if self._as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): "
+                               f"{done.stderr.strip() or done.stdout.strip()}\n{log_tail(self.log)}")
+        return done
+
+    def start(self) -> "PrivatePostgres":
+        if not self.data.exists():
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust",
+                      "-E", "UTF8", "--no-sync")
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                   "-c max_connections=50")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w",
+                  "-t", "60", "start")
+        return self
+
+    def restart(self, mode: str = "fast") -> None:
+        """`fast` ends every session with an error; `immediate` kills the server without a
+        checkpoint (crash recovery at start)."""
+        # -l again: without it the new server writes to pg_ctl's stdout pipe and keeps it open
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-m", mode, "-w",
+                  "-t", "60", "restart")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}?sslmode=disable"
+
+    def create_database(self, name: str) -> str:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres",
+                                dbname="postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        conn.close()
+        return self.url(name)
+
+    def close(self) -> None:
+        import shutil
+
+        if (self.data / "postmaster.pid").exists():
+            try:
+                self.stop("immediate")
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class CommitAckCutter:
+    """A TCP proxy on loopback in front of PostgreSQL that, once `armed`, lets the next COMMIT
+    reach the server, waits for the server's answer (the transaction is durable then), and cuts
+    both connections instead of passing the answer on: the client sees its COMMIT fail although
+    it took effect -- the lost acknowledgement of a restart, made deterministic. `on_cut()` runs
+    after the cut (a test restarts the server there)."""
+
+    COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"  # protocol 3 simple query "COMMIT"
+
+    def __init__(self, target_port: int, on_cut=None):
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.on_cut = on_cut or (lambda: None)
+        self.armed = threading.Event()
+        self.cuts = 0
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}?sslmode=disable"
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            state = {"commit_sent": False}
+            threading.Thread(target=self._up, args=(client, server, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, state), daemon=True).start()
+
+    @staticmethod
+    def _shut(*sockets) -> None:
+        import socket
+
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def _up(self, client, server, state) -> None:
+        try:
+            while chunk := client.recv(65536):
+                if self.armed.is_set() and self.COMMIT in chunk:
+                    state["commit_sent"] = True
+                server.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            self._shut(client, server)
+
+    def _down(self, server, client, state) -> None:
+        try:
+            while chunk := server.recv(65536):
+                if state["commit_sent"] and self.armed.is_set():
+                    self.armed.clear()  # the answer to COMMIT: swallow it and cut
+                    self.cuts += 1
+                    self._shut(client, server)
+                    self.on_cut()
+                    return
+                client.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            self._shut(client, server)
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()

@@ -100,7 +100,7 @@ def test_schema_is_created_automatically_and_versioned(store):
     with store.engine.connect() as conn:
         names = set(sa.inspect(conn).get_table_names())
         version = conn.execute(sa.text("SELECT version FROM ab_schema_version")).scalar_one()
-    assert set(ab.TABLES) <= names and version == ab.SCHEMA_VERSION == 1
+    assert set(ab.TABLES) <= names and version == ab.SCHEMA_VERSION == 2
     dispose_engines()
     assert ABStore(store.url).row_counts()["ab_schema_version"] == 1  # reopening adds nothing
 
@@ -109,18 +109,55 @@ def test_a_newer_schema_is_refused_and_an_older_one_migrated(tmp_path, monkeypat
     url = f"sqlite:///{tmp_path / 'ab.db'}"
     ABStore(url)
     dispose_engines()
-    # a later release: version 2 adds a column; opening the version-1 database migrates it
-    monkeypatch.setattr(ab, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(ab.MIGRATIONS, 1, lambda conn: conn.exec_driver_sql(
+    # a later release: version 3 adds a column; opening the version-2 database migrates it
+    monkeypatch.setattr(ab, "SCHEMA_VERSION", 3)
+    monkeypatch.setitem(ab.MIGRATIONS, 2, lambda conn: conn.exec_driver_sql(
         "ALTER TABLE ab_tests ADD COLUMN owner VARCHAR(100)"))
     migrated = ABStore(url)
     with migrated.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version FROM ab_schema_version")).scalar_one() == 2
+        assert conn.execute(sa.text("SELECT version FROM ab_schema_version")).scalar_one() == 3
         assert "owner" in {c["name"] for c in sa.inspect(conn).get_columns("ab_tests")}
     dispose_engines()
-    monkeypatch.setattr(ab, "SCHEMA_VERSION", 1)
-    with pytest.raises(StoreError, match="schema version 2, newer than this code's 1: upgrade"):
+    monkeypatch.setattr(ab, "SCHEMA_VERSION", 2)
+    with pytest.raises(StoreError, match="schema version 3, newer than this code's 2: upgrade"):
         ABStore(url)
+
+
+def test_a_version_1_store_gets_the_batch_table_and_keeps_its_rows(tmp_path):
+    """The 1 -> 2 migration (batch ids of idempotent writes) on a store made by version 1."""
+    url = f"sqlite:///{tmp_path / 'ab.db'}"
+    store = ABStore(url)
+    test = new_test(store)
+    log(store, test, ["a", "b"], [0, 1])
+    with store.engine.begin() as conn:  # what a version-1 database looks like
+        conn.exec_driver_sql("DROP TABLE ab_batches")
+        conn.exec_driver_sql("UPDATE ab_schema_version SET version = 1")
+    dispose_engines()
+    migrated = ABStore(url)
+    assert migrated.row_counts()["ab_batches"] == 0
+    assert migrated.row_counts()["ab_predictions"] == 2
+    log(migrated, test, ["c"], [0])
+    assert migrated.row_counts()["ab_batches"] == 1
+
+
+def test_a_batch_id_makes_a_retried_write_count_once(store):
+    """A client that retries a write whose answer it never got (same batch id) gets the first
+    result back and changes nothing; a bad batch id is refused before any write."""
+    test = new_test(store)
+    first = store.log_predictions(test, ["a", "b", "a"], [0, 1, 0], ["1"] * 3, [0.5] * 3,
+                                  [1] * 3, batch_id="p-1")
+    before = store.fingerprint()
+    again = store.log_predictions(test, ["a", "b", "a"], [0, 1, 0], ["1"] * 3, [0.5] * 3,
+                                  [1] * 3, batch_id="p-1")
+    assert again == first == {"champion": 1, "challenger": 1}
+    assert store.fingerprint() == before
+    counts = store.record_outcomes(test, ["a", "b"], [1.0, 0.0], [2, 2], batch_id="o-1")
+    assert store.record_outcomes(test, ["a", "b"], [1.0, 0.0], [2, 2], batch_id="o-1") == counts
+    assert counts.recorded == 2
+    assert store.recount(test)["champion"]["predictions"] == 2
+    with pytest.raises(ab.DataError, match="batch id 'no spaces' is not valid"):
+        store.log_predictions(test, ["c"], [0], ["1"], [0.5], [1], batch_id="no spaces")
+    assert store.row_counts()["ab_predictions"] == 3
 
 
 def test_unusable_urls_are_clear_errors():
