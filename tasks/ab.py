@@ -628,8 +628,8 @@ class ABStore:
             new = {CHAMPION_ARM: 0, CHALLENGER_ARM: 0}
             if conn.dialect.name == "sqlite":
                 # the driver's executemany on plain tuples: SQLAlchemy's per-row parameter
-                # processing was half the CPU of a flush (bench/serving.py, "Profiling"); the
-                # driver sums the rows an executemany inserted, so one per arm counts new keys
+                # processing was about half the CPU of a serving flush (cProfile); the driver
+                # sums the rows an executemany inserted, so one per arm counts the new keys
                 for arm in (CHAMPION_ARM, CHALLENGER_ARM):
                     rows = [(test.pk, r["unit_key"], arm, r["first_seen_ms"])
                             for r in unit_rows if r["arm"] == arm]
