@@ -6,6 +6,10 @@ sooner once `flush_rows` wait), one transaction per test per flush, never one da
 per request. `close()` stops the thread and writes what is left: the service calls it on graceful
 shutdown, so rows answered = rows logged.
 
+Each worker remembers the last `routed_keys` ids the store routed for a test (an LRU): their
+rows skip the routing insert (the store keeps the first arm anyway, and the hash gives returning
+ids the same arm), so a pool of returning users adds prediction rows only, not index entries.
+
 A write that fails because the database does not answer keeps the rows for the next flush (up to
 `max_buffered_rows`, then the oldest are dropped and counted in `dropped`, with an error in the
 log). Each flushed batch has an id that stays with its rows until they are written: the store
@@ -19,6 +23,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -42,8 +47,11 @@ class PredictionLog:
     """Buffered, batched writes of answered rows into the A/B store."""
 
     def __init__(self, store: ABStore, flush_seconds: float = 0.2, flush_rows: int = 1000,
-                 max_buffered_rows: int = 1_000_000):
+                 max_buffered_rows: int = 1_000_000, routed_keys: int = 200_000):
         self.store = store
+        self.routed_keys = routed_keys
+        # test id -> the ids this worker logged for it, newest last (the writer thread's only)
+        self._routed: dict[str, OrderedDict[str, None]] = {}
         self.flush_seconds, self.flush_rows = flush_seconds, flush_rows
         self.max_buffered_rows = max_buffered_rows
         self._pending: dict[str, _Pending] = {}
@@ -89,10 +97,12 @@ class PredictionLog:
     def _write(self, p: _Pending) -> int:
         n = len(p.keys)
         p.batch_id = p.batch_id or uuid.uuid4().hex
+        routed = self._routed.setdefault(p.test.test_id, OrderedDict())
         try:
             self.store.log_predictions(p.test, p.keys, p.arms, p.predictions, p.scores,
-                                       p.times_ms, batch_id=p.batch_id)
+                                       p.times_ms, batch_id=p.batch_id, routed=routed.keys())
         except ABTestClosedError as exc:
+            self._routed.pop(p.test.test_id, None)
             self.dropped += n
             logger.error("%d answered rows of A/B test %s were not logged: %s", n,
                          p.test.test_id, exc)
@@ -103,7 +113,19 @@ class PredictionLog:
                          "flush): %s: %s", n, p.test.test_id, type(exc).__name__, exc)
             return 0
         self.logged += n
+        self._remember(routed, p.keys)
         return n
+
+    def _remember(self, routed: OrderedDict[str, None], keys: list[str]) -> None:
+        if self.routed_keys <= 0:
+            return
+        for k in keys:
+            if k in routed:
+                routed.move_to_end(k)
+            else:
+                routed[k] = None
+        for _ in range(len(routed) - self.routed_keys):
+            routed.popitem(last=False)
 
     def _requeue(self, p: _Pending) -> None:
         # kept whole under its batch id, never merged with newer rows: the failed write may have

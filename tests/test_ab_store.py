@@ -307,6 +307,21 @@ def test_concurrent_writers_never_lose_an_increment(store):
     assert sums["champion"].n + sums["challenger"].n == 2000
 
 
+def test_keys_the_caller_knows_are_routed_add_predictions_only(store):
+    test = new_test(store)
+    assert log(store, test, ["a", "b"], [0, 1]) == {"champion": 1, "challenger": 1}
+    new = store.log_predictions(test, ["a", "b", "c", "c"], [1, 0, 1, 1], ["No"] * 4, [0.5] * 4,
+                                [2] * 4, routed={"a", "b"})
+    assert new == {"champion": 0, "challenger": 1}
+    totals = store.arm_totals(test)
+    assert (totals["champion"].routed, totals["challenger"].routed) == (1, 2)
+    assert sum(t.predictions for t in totals.values()) == 6
+    with store.engine.connect() as conn:
+        arms = dict(conn.execute(sa.select(ab.units_table.c.unit_key, ab.units_table.c.arm)
+                                 .where(ab.units_table.c.test_pk == test.pk)).all())
+    assert arms == {"a": 0, "b": 1, "c": 1}
+
+
 def test_a_closed_test_takes_no_writes(store):
     test = new_test(store)
     log(store, test, ["a", "b"], [0, 1])

@@ -7,8 +7,9 @@ import math
 import threading
 
 import pytest
+import sqlalchemy as sa
 
-from tasks.ab import ABStore, new_test_id
+from tasks.ab import ABStore, new_test_id, units_table
 from tasks.prediction_log import PredictionLog
 from tasks.serving import (Answer, InputError, LoadedVersion, RowLimitError, ServingCache, Wanted,
                            check_ids, check_rows)
@@ -134,6 +135,29 @@ def test_buffered_rows_are_written_in_batches_and_on_close(store):
     assert store.row_counts()["ab_predictions"] == 25
     totals = store.arm_totals(test)
     assert sum(t.routed for t in totals.values()) == 25
+
+
+def test_returning_ids_are_routed_once_and_keep_their_first_arm(store):
+    """A pool of returning users, with a routed-ids memory smaller than the pool: every answer
+    is logged, each id routed once, to the arm of its first answer."""
+    test = open_test(store)
+    log = PredictionLog(store, flush_seconds=60, routed_keys=30)
+    pool = [f"user-{i}" for i in range(100)]
+    first_arm = {k: i % 2 for i, k in enumerate(pool)}
+    for visit in range(4):
+        keys = pool[visit * 10:] + pool[:visit * 10]  # the memory keeps only the latest 30
+        # a later visit claims the other arm: the store keeps the first one
+        arms = [first_arm[k] if visit == 0 else 1 - first_arm[k] for k in keys]
+        log.add(test, keys, arms, ["1"] * len(keys), [0.5] * len(keys))
+        assert log.flush() == len(pool)
+    totals = store.arm_totals(test)
+    assert sum(t.routed for t in totals.values()) == len(pool)
+    assert sum(t.predictions for t in totals.values()) == 4 * len(pool)
+    assert store.row_counts()["ab_predictions"] == 4 * len(pool)
+    with store.engine.connect() as conn:
+        stored = dict(conn.execute(sa.select(units_table.c.unit_key, units_table.c.arm)
+                                   .where(units_table.c.test_pk == test.pk)).all())
+    assert stored == first_arm
 
 
 def test_rows_of_a_concluded_test_are_counted_as_dropped_not_lost_silently(store, caplog):
