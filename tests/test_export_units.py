@@ -237,6 +237,19 @@ def test_parity_counts_differences_and_changed_labels_against_the_bound():
     assert compare("binary", ref, flipped, BOUNDS["int8"]).max_changed_labels == 0
 
 
+def test_a_label_differing_only_where_scikit_learn_ties_is_reported_not_counted():
+    # scikit-learn's float64 sum broke an exact 30/30 vote by rounding (second class); float32
+    # answers the first: the same tie, not a disagreement. A real margin still counts.
+    ref = Prediction(scores=np.array([[0.9, 0.1], [0.5, 0.5000000000000001]]),
+                     labels=np.array(["a", "b"]))
+    got = Prediction(scores=np.array([[0.9, 0.1], [0.5, 0.49999997]]), labels=np.array(["a", "a"]))
+    gate = compare("binary", ref, got, BOUNDS["float32"], ["a", "b"])
+    assert gate.passed and gate.changed_labels == 0 and gate.tied_labels == 1
+    assert "1 rows where scikit-learn's probabilities tie" in gate.explanation
+    unknown = Prediction(scores=got.scores, labels=np.array(["a", "c"]))  # no such class: counts
+    assert compare("binary", ref, unknown, BOUNDS["float32"], ["a", "b"]).changed_labels == 1
+
+
 def test_regression_bounds_scale_with_the_prediction_and_nan_never_passes():
     ref = Prediction(scores=np.array([5000.0, 20.0, 0.5]))
     close = Prediction(scores=np.array([5000.0 + 0.03, 20.0, 0.5]))  # float32 spacing at 5,000: 5e-4
@@ -270,6 +283,58 @@ def test_onnx_matches_sklearn_on_unseen_and_missing_categories(linear, churn, tm
     want = linear.pipeline.predict_proba(rows)
     assert np.abs(got.scores - want).max() < 1e-5
     assert list(got.labels) == list(linear.pipeline.predict(rows))
+
+
+def tied_votes() -> tuple[pd.DataFrame, pd.Series, object]:
+    """Rows whose every feature value is seen as often with "no" as with "yes" (a = 0, 1), so
+    every tree's leaf votes 0.5/0.5 there, and rows (a = 2) that are all "yes"."""
+    frame = pd.DataFrame({"a": [0.0, 0.0, 1.0, 1.0] * 6 + [2.0] * 6,
+                          "y": ["no", "yes", "yes", "no"] * 6 + ["yes"] * 6})
+    schema = infer_schema(frame, "y", "binary")
+    return prepare_features(frame, schema), frame["y"], schema
+
+
+def test_onnx_forest_on_tied_votes_passes_the_gate_and_reports_the_ties(tmp_path):
+    # float32 sums of 10 leaf weights of 0.05 are not 0.5: ONNX answers "yes" where
+    # scikit-learn's exact float64 tie answers "no" (tests/test_export_matrix.py's refit
+    # ExtraTrees hit one such row among 400)
+    X, y, schema = tied_votes()
+    forest = subject_of(build_pipeline(schema, "extra_trees", {"n_estimators": 10}, 0).fit(X, y),
+                        schema)
+    want = forest.pipeline.predict_proba(X)
+    assert (want[:24] == 0.5).all() and (forest.pipeline.predict(X)[:24] == "no").all()
+    outcome = export_format("onnx", forest, X, sklearn_reference(forest, X, with_latency=False),
+                            tmp_path, latency_rows=5)
+    r = outcome.result
+    assert r.status == "ok" and r.changed_labels == 0 and r.max_abs_diff <= 1e-5
+    runner = onnx_runner(forest, tmp_path / "again")
+    got = runner.predict(X)
+    assert (got.labels[:24] == "yes").all() and (got.labels[24:] == "yes").all()
+
+
+def test_onnx_tree_thresholds_keep_scikit_learns_side_when_the_midpoint_rounds_up(tmp_path):
+    # two adjacent float32 values whose float64 midpoint (scikit-learn's threshold) rounds UP to
+    # the larger in float32: a float32 threshold rounded to nearest would send the larger value
+    # left; scikit-learn compares float32(x) <= the float64 threshold and sends it right
+    lo = np.nextafter(np.float32(1000.0), np.float32(np.inf))
+    hi = np.nextafter(lo, np.float32(np.inf))
+    assert np.float32(float(lo) / 2 + float(hi) / 2) == hi
+    frame = pd.DataFrame({"x": [float(lo)] * 10 + [float(hi)] * 10, "y": ["a"] * 10 + ["b"] * 10})
+    schema = infer_schema(frame, "y", "binary")
+    X = prepare_features(frame, schema)
+    forest = subject_of(build_pipeline(schema, "random_forest", {"n_estimators": 3,
+                                                                 "max_features": 1.0}, 0)
+                        .fit(X, frame["y"]), schema)
+    got = onnx_runner(forest, tmp_path).predict(X)
+    assert list(got.labels) == list(forest.pipeline.predict(X)) == ["a"] * 10 + ["b"] * 10
+
+
+def onnx_runner(subject, workdir: Path):
+    from tasks.export.onnx import OnnxExporter
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    exporter = OnnxExporter()
+    return exporter.runner(subject, exporter.convert(subject, workdir))
 
 
 def test_quantization_applies_to_matmul_graphs_only_and_never_silently(churn, tmp_path):
