@@ -10,7 +10,8 @@
     python deployments/stack.py profile-restore STATEFILE
     python deployments/stack.py ensure-bucket ENDPOINT BUCKET  create the bucket if absent
     python deployments/stack.py save-production-blocks ENDPOINT BUCKET
-                                 the blocks naming the production profile's shared stores
+                                 the bucket (ensure-bucket), then the blocks naming the
+                                 production profile's shared stores
                                  (S3 keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the
                                  A/B store from MLOPS_AB_DATABASE_URL)
     python deployments/stack.py crash-automation HEARTBEAT_SECONDS
@@ -333,7 +334,7 @@ def ensure_bucket(endpoint: str, bucket: str) -> None:
 
 
 def save_production_blocks(endpoint: str, bucket: str) -> None:
-    """The blocks that name the shared stores of the production profile: S3Bucket `mlops-s3`
+    """BUCKET created when absent, then the blocks that name the shared stores of the production profile: S3Bucket `mlops-s3`
     (the whole bucket) for exports (ExportSettings) and scored batches (ABPolicy.scores_location),
     the A/B store's PostgreSQL URL (ABPolicy.database_url), and S3Bucket `mlops-results` as the
     server's default result storage, which every worker reads from the Prefect API. Other fields
@@ -351,6 +352,7 @@ def save_production_blocks(endpoint: str, bucket: str) -> None:
 
     ab_database_url = os.environ.get("MLOPS_AB_DATABASE_URL") or _fail(
         "save-production-blocks needs MLOPS_AB_DATABASE_URL (kept out of argv: `ps` shows argv)")
+    ensure_bucket(endpoint, bucket)
     credentials = _s3_credentials(endpoint)
     S3Bucket(bucket_name=bucket, credentials=credentials).save(S3_BLOCK, overwrite=True)
     results_id = S3Bucket(bucket_name=bucket, bucket_folder="prefect-results",

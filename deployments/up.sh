@@ -255,8 +255,6 @@ say "MLflow server answers at $MLFLOW_URI ($((SECONDS - started_at)) s)"
 if [ "$STACK_PROFILE" = production ]; then
   [ "$START_S3" = 1 ] && stack wait-http "$S3_ENDPOINT/moto-api/data.json" "$TIMEOUT" \
     "$PIDS/s3-server.pid" "$LOGS/s3-server.log"
-  msg=$(env "${s3_env[@]}" "$PY" "$ROOT/deployments/stack.py" ensure-bucket "$S3_ENDPOINT" "$S3_BUCKET")
-  say "$msg"
 fi
 
 # ---- configuration ------------------------------------------------------------------------------
@@ -265,10 +263,10 @@ prefect_cli block register -m blocks >"$LOGS/setup.log" 2>&1 \
 say "block types registered (prefect block register -m blocks)"
 msg=$(stack save-mlflow-config "$MLFLOW_URI")
 say "$msg"
-if [ "$STACK_PROFILE" = production ]; then
-  msg=$(env "${s3_env[@]}" MLOPS_AB_DATABASE_URL="$AB_DB" \
-    "$PY" "$ROOT/deployments/stack.py" save-production-blocks "$S3_ENDPOINT" "$S3_BUCKET")
-  say "$msg"
+if [ "$STACK_PROFILE" = production ]; then  # the bucket first, then the blocks naming it
+  env "${s3_env[@]}" MLOPS_AB_DATABASE_URL="$AB_DB" \
+    "$PY" "$ROOT/deployments/stack.py" save-production-blocks "$S3_ENDPOINT" "$S3_BUCKET" \
+    | while read -r line; do say "$line"; done
 fi
 HEARTBEAT_S="${MLOPS_HEARTBEAT_SECONDS:-30}"
 msg=$(stack crash-automation "$HEARTBEAT_S")

@@ -28,7 +28,8 @@ import pytest
 from tests.conftest import free_port, require_postgres
 
 ROOT = Path(__file__).resolve().parents[2]
-UP_TIMEOUT_S = 300      # up.sh itself waits at most MLOPS_START_TIMEOUT for each service
+UP_TIMEOUT_S = 480      # up.sh itself waits at most MLOPS_START_TIMEOUT for each service; the
+                        # production profile's S3 server and blocks add to a loaded machine's ~250 s
 DOWN_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 300     # one deployment run, from creation to a terminal state
 

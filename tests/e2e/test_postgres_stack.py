@@ -189,7 +189,7 @@ def test_a_worker_in_another_folder_and_home_shares_every_store(pg_stack, churn_
                       region_name="us-east-1")
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlops")
             for o in page.get("Contents", [])]
-    for prefix in ("mlflow-artifacts/", f"exports/{model}/v1/", f"ab/scores/{model}-",
+    for prefix in ("mlflow-artifacts/", f"exports/{model}/v1/", "ab/scores/e2e-churn-remote-",
                    "prefect-results/"):
         assert any(k.startswith(prefix) for k in keys), (prefix, sorted(keys)[:40])
 
