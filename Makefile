@@ -31,8 +31,9 @@ demo: venv
 test: venv-dev
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
+# PROFILE=production: every store shared by workers on other machines (deployments/up.sh header)
 up: venv
-	bash deployments/up.sh
+	$(if $(PROFILE),MLOPS_PROFILE=$(PROFILE)) bash deployments/up.sh
 
 down:
 	bash deployments/down.sh

@@ -58,6 +58,11 @@ class ABPolicy(Block):
         default=None,
         description="SQLAlchemy URL of the A/B store, e.g. postgresql+psycopg2://user:pw@host/db "
                     "(a bare postgresql:// is accepted); empty: SQLite in the state folder.")
+    scores_location: str | None = Field(
+        default=None,
+        description="Where score-batch writes a batch's predictions when no output is given: "
+                    "an s3://bucket/prefix (a saved S3Bucket block for the bucket) or a folder; "
+                    "empty: ab/scores in the state folder.")
     min_samples_per_arm: int = Field(
         default=DEFAULT_MIN_SAMPLES_PER_ARM, ge=1,
         description="Outcomes each arm needs before any verdict or conclusion.")

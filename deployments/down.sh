@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stop what deployments/up.sh started (`make down`): the REST API, the worker, the MLflow server
-# and the Prefect server, each as a whole process group, by the PIDs up.sh recorded in $MLOPS_STACK_DIR/pids.
+# Stop what deployments/up.sh started (`make down`): the REST API, the worker, the MLflow server,
+# the Prefect server and the production profile's S3 server, each as a whole process group, by
+# the PIDs up.sh recorded in $MLOPS_STACK_DIR/pids.
 # Restores the Prefect profile that was active before up.sh. Data (databases, artifacts, logs)
 # stays in the stack dir; `make clean` removes .mlops. Safe to call twice, or with nothing running.
 #
@@ -65,7 +66,7 @@ if [ -d "$PIDS" ]; then
   # The worker (and its flow runs) first, so it does not log errors about a vanished API; then
   # both servers at once.
   found=0
-  for name in api worker mlflow-server prefect-server; do
+  for name in api worker mlflow-server prefect-server s3-server; do
     [ -f "$PIDS/$name.pid" ] && found=1
   done
   stop api
@@ -73,6 +74,7 @@ if [ -d "$PIDS" ]; then
   stop mlflow-server &
   stop prefect-server &
   wait
+  stop s3-server  # last: the MLflow server may still be writing artifacts to it
   [ "$found" = 1 ] || say "nothing running (no PIDs recorded in $PIDS)"
 else
   say "no stack in $STACK_DIR"

@@ -8,6 +8,12 @@
     python deployments/stack.py save-mlflow-config TRACKING_URI
     python deployments/stack.py profile-activate NAME API_URL STATEFILE
     python deployments/stack.py profile-restore STATEFILE
+    python deployments/stack.py ensure-bucket ENDPOINT BUCKET  create the bucket if absent
+    python deployments/stack.py save-production-blocks ENDPOINT BUCKET
+                                 the bucket (ensure-bucket), then the blocks naming the
+                                 production profile's shared stores
+                                 (S3 keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the
+                                 A/B store from MLOPS_AB_DATABASE_URL)
     python deployments/stack.py crash-automation HEARTBEAT_SECONDS
                                  the automation that marks runs without heartbeats Crashed
     python deployments/stack.py git-prefect-file REPOSITORY COMMIT OUT [WORK_POOL]
@@ -292,6 +298,79 @@ def save_api_settings(host: str, port: str, keys_file: str) -> None:
     print(f"APISettings/{DEFAULT_DOCUMENT} -> {host}:{port}, keys in {keys_file}")
 
 
+S3_BLOCK = "mlops-s3"               # exports, scored batches (the whole bucket)
+RESULTS_BLOCK = "mlops-results"     # Prefect's default result storage (a folder of the bucket)
+
+
+def _s3_credentials(endpoint: str):
+    """MinIOCredentials for ENDPOINT from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never argv)."""
+    from prefect_aws import AwsClientParameters, MinIOCredentials
+
+    user, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not user or not secret:
+        _fail("the production profile needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for the "
+              f"S3 endpoint {endpoint}")
+    return MinIOCredentials(minio_root_user=user, minio_root_password=secret,
+                            region_name=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                            aws_client_parameters=AwsClientParameters(endpoint_url=endpoint))
+
+
+def ensure_bucket(endpoint: str, bucket: str) -> None:
+    """Create BUCKET on the S3-compatible ENDPOINT when absent."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = _s3_credentials(endpoint).get_client("s3")
+    try:
+        client.head_bucket(Bucket=bucket)
+        print(f"S3 bucket {bucket} exists at {endpoint}")
+        return
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+            _fail(f"S3 bucket {bucket} at {endpoint}: {exc}")
+    except BotoCoreError as exc:
+        _fail(f"cannot reach the S3 endpoint {endpoint}: {exc}")
+    client.create_bucket(Bucket=bucket)
+    print(f"S3 bucket {bucket} created at {endpoint}")
+
+
+def save_production_blocks(endpoint: str, bucket: str) -> None:
+    """BUCKET created when absent, then the blocks that name the shared stores of the production profile: S3Bucket `mlops-s3`
+    (the whole bucket) for exports (ExportSettings) and scored batches (ABPolicy.scores_location),
+    the A/B store's PostgreSQL URL (ABPolicy.database_url), and S3Bucket `mlops-results` as the
+    server's default result storage, which every worker reads from the Prefect API. Other fields
+    of saved ABPolicy/ExportSettings documents are kept."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from prefect.client.orchestration import get_client
+    from prefect_aws.s3 import S3Bucket
+
+    from pydantic import SecretStr
+
+    from blocks.ab_policy import ABPolicy, normalise_database_url
+    from blocks.documents import load_saved
+    from blocks.export_settings import ExportSettings
+    from blocks.mlflow_config import DEFAULT_DOCUMENT
+
+    ab_database_url = os.environ.get("MLOPS_AB_DATABASE_URL") or _fail(
+        "save-production-blocks needs MLOPS_AB_DATABASE_URL (kept out of argv: `ps` shows argv)")
+    ensure_bucket(endpoint, bucket)
+    credentials = _s3_credentials(endpoint)
+    S3Bucket(bucket_name=bucket, credentials=credentials).save(S3_BLOCK, overwrite=True)
+    results_id = S3Bucket(bucket_name=bucket, bucket_folder="prefect-results",
+                          credentials=credentials).save(RESULTS_BLOCK, overwrite=True)
+    with get_client(sync_client=True) as client:
+        client.update_server_default_result_storage(results_id)
+    policy = load_saved(ABPolicy, DEFAULT_DOCUMENT) or ABPolicy()
+    policy.database_url = SecretStr(normalise_database_url(ab_database_url))
+    policy.scores_location = f"s3://{bucket}/ab/scores"
+    policy.save(DEFAULT_DOCUMENT, overwrite=True)
+    export = load_saved(ExportSettings, DEFAULT_DOCUMENT) or ExportSettings()
+    export.s3_bucket_block = S3_BLOCK
+    export.save(DEFAULT_DOCUMENT, overwrite=True)
+    print(f"S3Bucket/{S3_BLOCK} -> s3://{bucket} at {endpoint}; ExportSettings and "
+          f"ABPolicy.scores_location use it; ABPolicy.database_url -> PostgreSQL; Prefect results "
+          f"-> S3Bucket/{RESULTS_BLOCK} (s3://{bucket}/prefect-results)")
+
+
 def profile_activate(name: str, api_url: str, statefile: str) -> None:
     """Create/update Prefect profile NAME with PREFECT_API_URL and make it the active one.
 
@@ -368,6 +447,10 @@ def main(argv: list[str]) -> None:
         profile_activate(args[0], args[1], args[2])
     elif cmd == "profile-restore":
         profile_restore(args[0])
+    elif cmd == "ensure-bucket":
+        ensure_bucket(args[0], args[1])
+    elif cmd == "save-production-blocks":
+        save_production_blocks(args[0], args[1])
     elif cmd == "crash-automation":
         crash_automation(args[0])
     elif cmd == "git-prefect-file":

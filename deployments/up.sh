@@ -33,6 +33,24 @@
 #                                     clone MLOPS_GIT_REPOSITORY [git remote origin] at this
 #                                     checkout's HEAD, so workers on other machines run the same
 #                                     code (README "Workers on other machines")
+#   MLOPS_PROFILE [embedded]          which stores the flows share (`make up PROFILE=production`):
+#     embedded     SQLite databases and artifacts in the stack dir; the flows' A/B store, scored
+#                  batches and export copies in their state folder ($MLOPS_HOME, else ./.mlops):
+#                  everything on this machine
+#     production   nothing a later step needs on a worker's disk (README "Production profile"):
+#                  Prefect, MLflow and the A/B store on PostgreSQL -- PREFECT_DATABASE_URL
+#                  [postgresql+asyncpg://$MLOPS_PG/mlops_prefect], MLFLOW_BACKEND_STORE_URI
+#                  [postgresql://$MLOPS_PG/mlops_mlflow], MLOPS_AB_DATABASE_URL
+#                  [postgresql://$MLOPS_PG/mlops_ab], MLOPS_PG [postgres@127.0.0.1:5432];
+#                  MLflow artifacts, exports, scored batches and Prefect results in one S3 bucket,
+#                  MLOPS_S3_BUCKET [mlops], at MLOPS_S3_ENDPOINT_URL (MinIO or any S3 API; empty:
+#                  a moto S3 server on $MLOPS_HOST:MLOPS_S3_PORT [9000] that keeps objects in
+#                  memory, a stand-in for trying it) with the keys AWS_ACCESS_KEY_ID /
+#                  AWS_SECRET_ACCESS_KEY [a fixed test pair for the moto server]. The MLflow server
+#                  proxies the artifacts (clients need no S3 keys); the blocks S3Bucket
+#                  "mlops-s3" / "mlops-results", ABPolicy and ExportSettings "default" say where
+#                  each store is, and the Prefect server's default result storage is
+#                  "mlops-results", so every worker reads them from the Prefect API.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -71,6 +89,33 @@ JSON_LOGGING="$ROOT/deployments/logging-json.yml"
 # JSON console handler; the API loads it itself (MLOPS_LOG_FORMAT=json).
 log_env=()
 [ "$LOG_FORMAT" = json ] && log_env=(PREFECT_LOGGING_SETTINGS_PATH="$JSON_LOGGING")
+STACK_PROFILE="${MLOPS_PROFILE:-embedded}"
+S3_ENDPOINT="" S3_BUCKET="" AB_DB="" START_S3=0
+MLFLOW_ARTIFACTS="$STACK_DIR/mlflow/artifacts"
+case "$STACK_PROFILE" in
+  embedded) ;;
+  production)
+    PG="${MLOPS_PG:-postgres@127.0.0.1:5432}"
+    PREFECT_DATABASE_URL="${PREFECT_DATABASE_URL:-postgresql+asyncpg://$PG/mlops_prefect}"
+    MLFLOW_BACKEND_STORE_URI="${MLFLOW_BACKEND_STORE_URI:-postgresql://$PG/mlops_mlflow}"
+    AB_DB="${MLOPS_AB_DATABASE_URL:-postgresql://$PG/mlops_ab}"
+    S3_BUCKET="${MLOPS_S3_BUCKET:-mlops}"
+    S3_PORT="${MLOPS_S3_PORT:-9000}"
+    S3_ENDPOINT="${MLOPS_S3_ENDPOINT_URL:-}"
+    if [ -z "$S3_ENDPOINT" ]; then
+      S3_ENDPOINT="http://$HOST:$S3_PORT"
+      START_S3=1
+    fi
+    # Only the MLflow server and the block setup get the keys (the S3Bucket blocks hold them for
+    # the flows): the worker, its runs and the API never see them in their environment.
+    s3_env=(AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-mlops-local}"
+            AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-mlops-local-secret}"
+            AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}")
+    MLFLOW_ARTIFACTS="s3://$S3_BUCKET/mlflow-artifacts"
+    ;;
+  *) echo "error: MLOPS_PROFILE (make up PROFILE=...) must be embedded or production, not" \
+       "'$STACK_PROFILE'" >&2; exit 1 ;;
+esac
 PREFECT_DB="${PREFECT_DATABASE_URL:-sqlite+aiosqlite:///$STACK_DIR/prefect/prefect.db}"
 MLFLOW_DB="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$STACK_DIR/mlflow/mlflow.db}"
 # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg (3), which is not installed: name the drivers
@@ -80,6 +125,9 @@ case "$PREFECT_DB" in
 esac
 case "$MLFLOW_DB" in
   postgresql://* | postgres://*) MLFLOW_DB="postgresql+psycopg2://${MLFLOW_DB#*://}" ;;
+esac
+case "$AB_DB" in
+  postgresql://* | postgres://*) AB_DB="postgresql+psycopg2://${AB_DB#*://}" ;;
 esac
 started_at=$SECONDS
 
@@ -127,7 +175,8 @@ port_busy() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
 # The settings a running stack was started with must match this invocation's.
 SETTINGS="$STACK_DIR/stack.settings"
 current_settings="HOST=$HOST PREFECT_PORT=$PREFECT_PORT MLFLOW_PORT=$MLFLOW_PORT PREFECT_DB=$(redact "$PREFECT_DB") MLFLOW_DB=$(redact "$MLFLOW_DB")"
-if { running prefect-server || running mlflow-server || running worker; } && [ -f "$SETTINGS" ]; then
+[ "$STACK_PROFILE" = production ] && current_settings="$current_settings PROFILE=production AB_DB=$(redact "$AB_DB") S3=$S3_ENDPOINT/$S3_BUCKET"
+if { running prefect-server || running mlflow-server || running worker || running s3-server; } && [ -f "$SETTINGS" ]; then
   if [ "$(cat "$SETTINGS")" != "$current_settings" ]; then
     echo "error: a stack is already running in $STACK_DIR with other settings:" >&2
     echo "  running:   $(cat "$SETTINGS")" >&2
@@ -156,16 +205,19 @@ start_service() {  # start_service NAME PORT|- CMD... (skips when already runnin
 }
 
 # ---- pre-flight: ports of the servers still to start must be free -------------------------------
-for service_port in "prefect-server:$PREFECT_PORT" "mlflow-server:$MLFLOW_PORT" "api:$API_PORT"; do
+service_ports=("prefect-server:$PREFECT_PORT" "mlflow-server:$MLFLOW_PORT" "api:$API_PORT")
+[ "$START_S3" = 1 ] && service_ports+=("s3-server:$S3_PORT")
+for service_port in "${service_ports[@]}"; do
   if ! running "${service_port%%:*}" && port_busy "${service_port##*:}"; then
     echo "error: port ${service_port##*:} on $HOST (for the ${service_port%%:*}) is in use by another" \
-      "program: stop it or choose another port (PREFECT_PORT / MLFLOW_PORT / MLOPS_API_PORT)" >&2
+      "program: stop it or choose another port (PREFECT_PORT / MLFLOW_PORT / MLOPS_API_PORT /" \
+      "MLOPS_S3_PORT)" >&2
     exit 1
   fi
 done
 
 # ---- databases --------------------------------------------------------------------------------
-for url in "$PREFECT_DB" "$MLFLOW_DB"; do
+for url in "$PREFECT_DB" "$MLFLOW_DB" ${AB_DB:+"$AB_DB"}; do
   if [[ "$url" == postgresql* ]]; then
     msg=$(stack ensure-db "$url")
     say "$msg"
@@ -173,6 +225,10 @@ for url in "$PREFECT_DB" "$MLFLOW_DB"; do
 done
 
 # ---- servers (started together, then awaited) --------------------------------------------------
+# The production profile's stand-in for MinIO: moto's S3 server (objects in memory).
+if [ "$START_S3" = 1 ]; then
+  start_service s3-server "$S3_PORT" "$PY" -m moto.server -H "$HOST" -p "$S3_PORT"
+fi
 PREFECT_SERVER_DATABASE_CONNECTION_URL="$PREFECT_DB" PREFECT_SERVER_LOGGING_LEVEL="$LOG_LEVEL" \
   start_service prefect-server "$PREFECT_PORT" \
   "$PY" -m prefect server start --host "$HOST" --port "$PREFECT_PORT" --analytics-off
@@ -180,18 +236,26 @@ PREFECT_SERVER_DATABASE_CONNECTION_URL="$PREFECT_DB" PREFECT_SERVER_LOGGING_LEVE
 # Job execution (huey consumers, for GenAI judges) is off: it costs ~1 GB of RAM and is unused here.
 # The backend store URI goes through the environment (MLFLOW_BACKEND_STORE_URI), not argv: `ps`
 # would show a password.
+# In production the server alone talks to S3 (MLFLOW_S3_ENDPOINT_URL + keys): clients upload and
+# download artifacts through it (mlflow-artifacts:/ URIs).
+mlflow_env=()
+[ "$STACK_PROFILE" = production ] && mlflow_env=("${s3_env[@]}" MLFLOW_S3_ENDPOINT_URL="$S3_ENDPOINT")
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}" \
   MLFLOW_BACKEND_STORE_URI="$MLFLOW_DB" \
   start_service mlflow-server "$MLFLOW_PORT" \
-  "$PY" -m mlflow server --host "$HOST" --port "$MLFLOW_PORT" \
+  env "${mlflow_env[@]}" "$PY" -m mlflow server --host "$HOST" --port "$MLFLOW_PORT" \
   --workers "${MLFLOW_WORKERS:-1}" \
-  --serve-artifacts --artifacts-destination "$STACK_DIR/mlflow/artifacts" \
+  --serve-artifacts --artifacts-destination "$MLFLOW_ARTIFACTS" \
   --allowed-hosts "$HOST:$MLFLOW_PORT,$HOST,localhost:$MLFLOW_PORT,localhost,127.0.0.1:$MLFLOW_PORT,127.0.0.1"
 
 stack wait-http "$PREFECT_API/health" "$TIMEOUT" "$PIDS/prefect-server.pid" "$LOGS/prefect-server.log"
 say "Prefect server answers at $PREFECT_API ($((SECONDS - started_at)) s)"
 stack wait-http "$MLFLOW_URI/health" "$TIMEOUT" "$PIDS/mlflow-server.pid" "$LOGS/mlflow-server.log"
 say "MLflow server answers at $MLFLOW_URI ($((SECONDS - started_at)) s)"
+if [ "$STACK_PROFILE" = production ]; then
+  [ "$START_S3" = 1 ] && stack wait-http "$S3_ENDPOINT/moto-api/data.json" "$TIMEOUT" \
+    "$PIDS/s3-server.pid" "$LOGS/s3-server.log"
+fi
 
 # ---- configuration ------------------------------------------------------------------------------
 prefect_cli block register -m blocks >"$LOGS/setup.log" 2>&1 \
@@ -199,6 +263,11 @@ prefect_cli block register -m blocks >"$LOGS/setup.log" 2>&1 \
 say "block types registered (prefect block register -m blocks)"
 msg=$(stack save-mlflow-config "$MLFLOW_URI")
 say "$msg"
+if [ "$STACK_PROFILE" = production ]; then  # the bucket first, then the blocks naming it
+  env "${s3_env[@]}" MLOPS_AB_DATABASE_URL="$AB_DB" \
+    "$PY" "$ROOT/deployments/stack.py" save-production-blocks "$S3_ENDPOINT" "$S3_BUCKET" \
+    | while read -r line; do say "$line"; done
+fi
 HEARTBEAT_S="${MLOPS_HEARTBEAT_SECONDS:-30}"
 msg=$(stack crash-automation "$HEARTBEAT_S")
 say "$msg"
@@ -303,6 +372,8 @@ mlops stack is up ($((SECONDS - started_at)) s, ~${rss_mb} MB resident) — stat
   Prefect UI    $PREFECT_UI          database: $(redact "$PREFECT_DB")
   Prefect API   $PREFECT_API
   MLflow        $MLFLOW_URI          database: $(redact "$MLFLOW_DB")
+  profile       $STACK_PROFILE${AB_DB:+          A/B store: $(redact "$AB_DB")}${S3_BUCKET:+
+  S3            $S3_ENDPOINT  bucket $S3_BUCKET (MLflow artifacts, exports, scored batches, Prefect results)}
   REST API      $API_URL/docs        admin key in $API_KEY_FILE (MLOPS_API_KEY in $STACK_DIR/env)
   work pool     $WORK_POOL / queue $WORK_QUEUE, worker $WORKER_NAME
   logs          $LOGS

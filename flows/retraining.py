@@ -30,10 +30,10 @@ from tasks.events import emit_model_event
 from tasks.registry import (alias_map, clear_pending_approval, get_registered_model,
                             mark_pending_approval, mlflow_client, model_slug, validate_model_name)
 from tasks.retraining import (RetrainingInProgressError, active_ab_tests, data_drift, find_unseen,
-                              history_table, hours_since_last, keep_as_challenger,
+                              gate_scratch, history_table, hours_since_last, keep_as_challenger,
                               latest_drift, load_champion, load_history, load_labelled, mark_seen,
                               plan_gate, production_metric, promote_champion, read_schema,
-                              record_retraining, retraining_slot, score_gate,
+                              record_retraining, retraining_slot, score_gate, store_gate_slice,
                               undo_interrupted_promotion, verify_champion)
 from tasks.retraining_rules import (RetrainDecision, RetrainResult, Signal, Trigger, age_signal,
                                     cooldown_signal, decide, drift_signal, gate_verdict,
@@ -149,7 +149,7 @@ def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "ma
     monitoring = resolve_monitoring_policy(settings.monitoring_policy)
     monitoring.check_channels()
     get_registered_model(mlflow_client(), model_name)  # an unknown model is refused here
-    with retraining_slot(model_name, settings.slot_lease_s):
+    with retraining_slot(model_name, settings.slot_lease_s), gate_scratch() as scratch:
         # a promotion left unverified by a run that died is undone before the champion is read
         undo_interrupted_promotion(model_name)
         champion = load_champion(model_name)
@@ -159,7 +159,7 @@ def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "ma
                                started_at=started_at)
         # bad input is refused here, before anything is trained, registered or recorded
         view = find_unseen(load_labelled(data), target, champion)
-        plan = plan_gate(view, champion, settings)
+        plan = plan_gate(view, champion, settings, scratch)
         gate_path = str(plan.gate_path)
         result.gate_rows, result.gate_sha256 = plan.n_gate, plan.gate_sha256
         logger.info("gate slice: %d of %d unseen rows (%s); challenger trains on %d rows",
@@ -172,6 +172,7 @@ def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "ma
                                   promote="never")
             result.challenger_version = trained.version
             mark_seen(trained.run_id, plan.seen_all, len(view.frame))
+            store_gate_slice(trained.run_id, plan)
             champion_scores, challenger_scores = score_gate(
                 model_name, champion.version, trained.version, gate_path)
             result.champion_metrics, result.challenger_metrics = champion_scores, challenger_scores

@@ -471,12 +471,19 @@ def event_times(frame: pd.DataFrame, timestamp_column: str | None, what: str) ->
     return parsed.dt.as_unit("ms").astype("int64").to_numpy(np.int64)
 
 
-def check_output(output: str | None, model_name: str) -> str:
+def check_output(output: str | None, model_name: str, location: str | None = None) -> str:
     """Where predictions go, checked before anything is written: a csv/parquet path, an s3://
-    URI (a saved S3Bucket block for its bucket), or a new parquet file in the state folder."""
+    URI (a saved S3Bucket block for its bucket), or else a new parquet file under `location`
+    (the ABPolicy's scores_location: a folder or an s3:// prefix; empty: the state folder)."""
     if output is None or str(output).strip() == "":
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        return str(state_dir() / "ab" / "scores" / f"{model_slug(model_name)}-{stamp}.parquet")
+        name = f"{model_slug(model_name)}-{stamp}.parquet"
+        where = (location or "").strip()
+        if where.startswith("s3://"):
+            output = f"{where.rstrip('/')}/{name}"
+        else:
+            return str((Path(where).expanduser() if where else state_dir() / "ab" / "scores")
+                       / name)
     text = str(output)
     suffix = Path(text).suffix.lower()
     if READABLE.get(suffix) is None:
@@ -539,8 +546,8 @@ def route_and_score(model_name: str, frame: pd.DataFrame, id_column: str,
         raise DataError("the scoring data is empty (0 rows); pass rows to score")
     keys = entity_keys(frame, id_column, "scoring data")
     times = event_times(frame, timestamp_column, "scoring data")
-    target = check_output(output, model_name)
     policy = resolve_ab_policy()
+    target = check_output(output, model_name, policy.scores_location)
     store = open_store(policy.store_url())
     test = store.active_test(model_name)
     client = mlflow_client()

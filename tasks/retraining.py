@@ -22,7 +22,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 
-from blocks.mlflow_config import resolve_mlflow_config, state_dir
+from blocks.mlflow_config import resolve_mlflow_config
 from blocks.monitoring import MonitoringPolicy
 from blocks.retraining_policy import RetrainingPolicy
 from tasks.comparison import score_version
@@ -181,11 +181,20 @@ class GatePlan:
         self.gate_sha256, self.how, self.seen_all = gate_sha256, how, seen_all
 
 
+@contextmanager
+def gate_scratch() -> Iterator[Path]:
+    """A folder for one retraining's gate slice, removed when the retraining ends: the slice
+    lives on in MLflow (store_gate_slice, record_retraining), never on the worker's disk, so any
+    machine reads it and a worker keeps nothing a later run needs."""
+    with tempfile.TemporaryDirectory(prefix="mlops-gate-") as folder:
+        yield Path(folder)
+
+
 @task(name="split-gate-slice", cache_policy=NO_CACHE)
 def plan_gate(view: LabelledView, champion: ChampionState, policy: RetrainingPolicy,
-              min_new_rows: int | None = None) -> GatePlan:
+              scratch: Path, min_new_rows: int | None = None) -> GatePlan:
     """Hold out `gate_share` of the rows the champion never saw; the challenger trains on the
-    rest. Both files are written under the state folder (the challenger's data reference)."""
+    rest. Both files are written to `scratch` (gate_scratch) for this run's tasks to read."""
     needed = policy.min_new_rows if min_new_rows is None else min_new_rows
     if view.n_unseen < max(needed, 2 * MIN_GATE_ROWS):
         raise DataError(
@@ -195,9 +204,7 @@ def plan_gate(view: LabelledView, champion: ChampionState, policy: RetrainingPol
             "the gate); collect more labelled rows")
     labels = view.frame[champion.target] if champion.schema["task"] != "regression" else None
     gate = gate_split(view.unseen, labels, policy.gate_share)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    folder = state_dir() / "retraining" / model_slug(champion.model_name) / stamp
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(scratch)
     # a copy of a gate row (same fingerprint) must not reach the challenger's training rows
     train_mask = ~gate & ~np.isin(view.fingerprints, view.fingerprints[gate])
     train, gate_rows = view.frame[train_mask], view.frame[gate]
@@ -219,6 +226,22 @@ def mark_seen(run_id: str, seen: np.ndarray, n_rows: int) -> None:
         np.save(path, seen)
         client.log_artifact(run_id, str(path), "mlops")
     client.set_tag(run_id, "mlops.data_rows", str(n_rows))
+
+
+GATE_SLICE_FOLDER = "mlops/gate-slice"  # artifact folder of the challenger's run
+
+
+@task(name="store-gate-slice", cache_policy=NO_CACHE)
+def store_gate_slice(run_id: str, plan: GatePlan) -> str:
+    """Keep the challenger's training rows and the gate rows with its MLflow run (the artifact
+    store every machine reads: S3 behind the MLflow server in the production stack) and point
+    its data reference there; returns that reference."""
+    client = mlflow_client()
+    for path in (plan.train_path, plan.gate_path):
+        client.log_artifact(run_id, str(path), GATE_SLICE_FOLDER)
+    ref = f"runs:/{run_id}/{GATE_SLICE_FOLDER}/{Path(plan.train_path).name}"
+    client.set_tag(run_id, "mlops.data_ref", ref)
+    return ref
 
 
 @task(name="score-on-gate-rows", cache_policy=NO_CACHE)

@@ -9,6 +9,7 @@ emptied after the test) and the aliases reset to champion = v1, challenger = v2.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -85,6 +86,20 @@ def reset_aliases(versions: dict) -> None:
 def models(registry):
     reset_aliases(registry)
     return registry
+
+
+def test_scored_batches_without_an_output_go_where_the_policy_says(state_dir, models, traffic,
+                                                                      tmp_path):
+    default = score_batch(MODEL, traffic.head(50), "customer_id")
+    assert Path(default.output).parent == state_dir.resolve() / "ab" / "scores"
+    shared = tmp_path / "shared-scores"
+    ABPolicy(scores_location=str(shared)).save(DEFAULT_DOCUMENT, overwrite=True)
+    try:
+        placed = score_batch(MODEL, traffic.head(50), "customer_id")
+    finally:
+        ABPolicy.delete(DEFAULT_DOCUMENT)
+    assert Path(placed.output).parent == shared
+    assert pd.read_parquet(placed.output).equals(pd.read_parquet(default.output))
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

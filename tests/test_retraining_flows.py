@@ -130,6 +130,19 @@ def test_a_better_challenger_is_promoted_after_scoring_both_on_the_same_unseen_r
     assert again["1"]["roc_auc"] == pytest.approx(result.champion_score, abs=1e-12)
     assert again["2"]["roc_auc"] == pytest.approx(result.challenger_score, abs=1e-12)
     assert not row_keys(gate).isin(row_keys(base.old)).any()
+    # The challenger's run keeps its training rows and the gate rows, and names them as its data;
+    # nothing of the slice stays in the worker's state folder (another worker reads MLflow).
+    run_id = mlflow_client().get_model_version(model, "2").run_id
+    ref = mlflow_client().get_run(run_id).data.tags["mlops.data_ref"]
+    assert ref == f"runs:/{run_id}/mlops/gate-slice/train.parquet"
+    train_rows = pd.read_parquet(mlflow.artifacts.download_artifacts(ref))
+    slice_gate = pd.read_parquet(mlflow.artifacts.download_artifacts(
+        f"runs:/{run_id}/mlops/gate-slice/gate.parquet"))
+    assert slice_gate.equals(gate) and len(train_rows) > 0
+    assert not row_keys(train_rows).isin(row_keys(gate)).any()
+    from blocks.mlflow_config import state_dir
+
+    assert not (state_dir() / "retraining").exists()
 
     history = retraining_history(model)
     assert [(h.trigger, h.decision, h.challenger_version) for h in history] == [

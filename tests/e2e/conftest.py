@@ -28,7 +28,8 @@ import pytest
 from tests.conftest import free_port, require_postgres
 
 ROOT = Path(__file__).resolve().parents[2]
-UP_TIMEOUT_S = 300      # up.sh itself waits at most MLOPS_START_TIMEOUT for each service
+UP_TIMEOUT_S = 480      # up.sh itself waits at most MLOPS_START_TIMEOUT for each service; the
+                        # production profile's S3 server and blocks add to a loaded machine's ~250 s
 DOWN_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 300     # one deployment run, from creation to a terminal state
 
@@ -175,17 +176,22 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="session")
 def pg_stack(tmp_path_factory) -> Iterator[Stack]:
-    """The session's stack on PostgreSQL: one fresh database per server, dropped at teardown."""
+    """The session's stack in the production profile (`make up PROFILE=production`): Prefect,
+    MLflow and the A/B store on PostgreSQL (one fresh database each, dropped at teardown),
+    artifacts, exports, scored batches and Prefect results on the profile's moto S3 server."""
     require_postgres()
     base = "postgres@127.0.0.1:5432"
-    names = {"prefect": f"mlops_test_{os.getpid()}_prefect", "mlflow": f"mlops_test_{os.getpid()}_mlflow"}
-    urls = {"prefect": f"postgresql+asyncpg://{base}/{names['prefect']}",
+    prefix = f"{os.environ.get('MLOPS_TEST_DB_PREFIX', 'mlops_test')}_{os.getpid()}"
+    urls = {"prefect": f"postgresql+asyncpg://{base}/{prefix}_prefect",
             # a bare postgresql:// on purpose: up.sh must pick the installed driver (psycopg2)
-            "mlflow": f"postgresql://{base}/{names['mlflow']}"}
+            "mlflow": f"postgresql://{base}/{prefix}_mlflow",
+            "ab": f"postgresql://{base}/{prefix}_ab"}
     try:
-        with running_stack(tmp_path_factory.mktemp("e2e-postgres"),
+        with running_stack(tmp_path_factory.mktemp("e2e-postgres"), MLOPS_PROFILE="production",
+                           MLOPS_S3_PORT=str(free_port()),
                            PREFECT_DATABASE_URL=urls["prefect"],
-                           MLFLOW_BACKEND_STORE_URI=urls["mlflow"]) as s:
+                           MLFLOW_BACKEND_STORE_URI=urls["mlflow"],
+                           MLOPS_AB_DATABASE_URL=urls["ab"]) as s:
             yield s
     finally:
         for url in urls.values():
