@@ -4,10 +4,12 @@ On a real stack (deployments/up.sh on free ports in a temporary folder, Prefect 
 on PostgreSQL when one answers at 127.0.0.1:5432, else SQLite; deployments/down.sh at the end, also
 on failure or Ctrl-C) the script measures, for each worker count W in --workers:
 
-1. prepare: --models fresh models (`bench_w<W>_<i>`) each get a champion from `train_model`
-   (small search: --max-trials) on the same 600 churn rows; the `default` RetrainingPolicy names a
-   file with those rows plus --new-rows rows none of the champions saw, cooldown 0 and a maximum
-   model age of ~9 s, so every check retrains (as a nightly retraining of every model would).
+1. prepare (once): --models models (`bench_workers_<i>`) each get a champion from `train_model`
+   (small search: --max-trials) on the same 600 churn rows. Before each phase the `default`
+   RetrainingPolicy names a file with --new-rows more rows than the phase before (rows no
+   version has seen), cooldown 0 and a maximum model age of ~9 s: the first check of every model
+   retrains, a later one finds no new rows unless its model's challenger was not promoted (as a
+   nightly retraining of every model would).
 2. load: the stack's own worker is stopped and W process workers are started on
    `ml-retraining-queue`, each running at most --limit flow runs at a time (a worker stands for a
    machine with that many slots). --runs flow runs of `retraining-check/default` are created at
@@ -37,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -71,6 +73,7 @@ RetrainingPolicy(**json.loads(sys.argv[1])).save("default", overwrite=True)
 """
 VERIFY = """
 import json, sys
+from datetime import datetime
 from mlflow import MlflowClient
 from blocks import resolve_mlflow_config
 from flows.registry import audit_registry
@@ -78,14 +81,16 @@ from tasks.retraining import load_history
 resolve_mlflow_config().apply()
 client = MlflowClient()
 out = {}
+since = datetime.fromisoformat(sys.argv[2])
 for name in json.loads(sys.argv[1]):
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
     history = load_history(name)
+    recent = [h for h in history if h.started_at and h.started_at >= since]
     report = audit_registry(name)
     out[name] = {"versions": versions,
                  "challengers": [h.challenger_version for h in history if h.challenger_version],
-                 "retrainings": len(history),
-                 "retraining_s": [h.duration_s for h in history if h.duration_s],
+                 "retrainings": len(recent),
+                 "retraining_s": [h.duration_s for h in recent if h.duration_s],
                  "champion": report.aliases.get("champion"),
                  "audit_ok": report.ok,
                  "findings": [f.message for f in report.findings]}
@@ -168,18 +173,29 @@ def outcome(run: dict) -> str:
     return run["state_type"].lower()
 
 
-def phase(stack: Stack, tmp: Path, workers: int, args) -> dict:
-    names = [f"bench_w{workers}_{i:02d}" for i in range(args.models)]
+def train_champions(stack: Stack, tmp: Path, names: list[str], args) -> list[float]:
     t0 = time.monotonic()
     trained = json.loads(py(stack, TRAIN_CHAMPIONS, json.dumps(names), str(tmp / "base.csv"),
                             str(args.max_trials), timeout=60 * args.models).strip().splitlines()[-1])
-    print(f"[W={workers}] {len(names)} champions trained in {time.monotonic() - t0:.0f} s "
+    print(f"{len(names)} champions trained in {time.monotonic() - t0:.0f} s "
           f"(median {statistics.median(trained):.1f} s each)", flush=True)
+    return trained
+
+
+def save_policy(stack: Stack, data: Path, args) -> None:
+    py(stack, SAVE_POLICY, json.dumps({
+        "training_data": str(data), "target": "churn", "cooldown_hours": 0, "min_new_rows": 50,
+        "max_trials": args.max_trials, "time_budget_s": 30,
+        "max_model_age_days": args.max_age_days}))
+
+
+def phase(stack: Stack, names: list[str], workers: int, args) -> dict:
     procs = start_workers(stack, workers, args.limit, str(workers))
     try:
         time.sleep(5)  # workers register and poll
         dep = deployment_id(stack, DEPLOYMENT)
         started = time.monotonic()
+        since = datetime.now(timezone.utc).isoformat()
         ids = [api(stack, "POST", f"/deployments/{dep}/create_flow_run",
                    {"parameters": {"model_name": names[i % len(names)], "trigger": "manual"}})["id"]
                for i in range(args.runs)]
@@ -188,7 +204,7 @@ def phase(stack: Stack, tmp: Path, workers: int, args) -> dict:
     finally:
         for p in procs:
             stop_group(p.pid)
-    verify = json.loads(py(stack, VERIFY, json.dumps(names),
+    verify = json.loads(py(stack, VERIFY, json.dumps(names), since,
                            timeout=30 * args.models).strip().splitlines()[-1])
     outcomes: dict[str, int] = {}
     for r in runs:
@@ -212,7 +228,7 @@ def phase(stack: Stack, tmp: Path, workers: int, args) -> dict:
                    if r["state_type"] == "COMPLETED" and r["start_time"] and r["end_time"]]
     retraining_s = [d for v in verify.values() for d in v["retraining_s"]]
     return {"workers": workers, "wall": wall, "outcomes": outcomes, "completed_s": completed_s,
-            "retraining_s": retraining_s, "retrainings": sum(v["retrainings"] for v in verify.values()), "train_s": statistics.median(trained),
+            "retraining_s": retraining_s, "retrainings": sum(v["retrainings"] for v in verify.values()),
             "versions": sum(len(v["versions"]) for v in verify.values()), "problems": problems}
 
 
@@ -248,7 +264,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     frame = churn_frame().sample(frac=1.0, random_state=3)
     frame.iloc[:600].to_csv(tmp / "base.csv", index=False)
-    frame.iloc[:600 + args.new_rows].to_csv(tmp / "labelled.csv", index=False)
+    for k in range(len(counts)):
+        frame.iloc[:600 + (k + 1) * args.new_rows].to_csv(tmp / f"labelled-{k}.csv", index=False)
     results = []
     started = time.monotonic()
     try:
@@ -256,12 +273,12 @@ def main() -> None:
             backend = "PostgreSQL" if databases or "PREFECT_DATABASE_URL" in settings else "SQLite"
             print(f"stack up in {stack.up_seconds:.0f} s ({backend}; {stack.prefect_api})", flush=True)
             stop_stack_worker(stack)
-            py(stack, SAVE_POLICY, json.dumps({
-                "training_data": str(tmp / "labelled.csv"), "target": "churn",
-                "cooldown_hours": 0, "min_new_rows": 50, "max_trials": args.max_trials,
-                "time_budget_s": 30, "max_model_age_days": args.max_age_days}))
-            for w in counts:
-                results.append(phase(stack, tmp, w, args))
+            names = [f"bench_workers_{i:02d}" for i in range(args.models)]
+            trained = train_champions(stack, tmp, names, args)
+            for k, w in enumerate(counts):
+                # Each phase's labelled data hold --new-rows rows no version has seen yet.
+                save_policy(stack, tmp / f"labelled-{k}.csv", args)
+                results.append(phase(stack, names, w, args))
                 r = results[-1]
                 print(f"[W={w}] {args.runs} runs in {r['wall']:.0f} s: {r['outcomes']}; "
                       f"{r['retrainings']} retrainings, problems: {r['problems'] or 'none'}",
@@ -294,7 +311,7 @@ def main() -> None:
             print(f"speed-up W={r['workers']} over W={base['workers']}: "
                   f"{base['wall'] / r['wall']:.2f}x (same run, same stack)")
     print(f"champion training (train_model, max_trials {args.max_trials}, 600 rows): median "
-          f"{statistics.median(r['train_s'] for r in results):.1f} s. Whole bench "
+          f"{statistics.median(trained):.1f} s. Whole bench "
           f"{time.monotonic() - started:.0f} s incl. stack up/down.")
     if any(r["problems"] for r in results):
         sys.exit(1)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
 from tests.e2e.test_stack import BUDGET_S, aliases, assert_completed
 
