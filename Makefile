@@ -31,8 +31,10 @@ demo: venv
 test: venv-dev
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
-# PROFILE=production: every store shared by workers on other machines (deployments/up.sh header)
-up: venv
+# PROFILE=production: every store shared by workers on other machines (deployments/up.sh header);
+# it also installs the test packages, for moto's S3 server that stands in for MinIO when
+# MLOPS_S3_ENDPOINT_URL names none
+up: $(if $(filter production,$(PROFILE)),venv-dev,venv)
 	$(if $(PROFILE),MLOPS_PROFILE=$(PROFILE)) bash deployments/up.sh
 
 down:

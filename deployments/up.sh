@@ -227,6 +227,12 @@ done
 # ---- servers (started together, then awaited) --------------------------------------------------
 # The production profile's stand-in for MinIO: moto's S3 server (objects in memory).
 if [ "$START_S3" = 1 ]; then
+  if ! "$PY" -c "import moto.server" 2>/dev/null; then
+    echo "error: the production profile without MLOPS_S3_ENDPOINT_URL starts moto's S3 server," \
+      "which is not installed in $PY: run 'make venv-dev' (or pip install 'moto[server]'), or" \
+      "name your S3/MinIO endpoint in MLOPS_S3_ENDPOINT_URL" >&2
+    exit 1
+  fi
   start_service s3-server "$S3_PORT" "$PY" -m moto.server -H "$HOST" -p "$S3_PORT"
 fi
 PREFECT_SERVER_DATABASE_CONNECTION_URL="$PREFECT_DB" PREFECT_SERVER_LOGGING_LEVEL="$LOG_LEVEL" \
