@@ -603,7 +603,10 @@ def test_module_imports_no_prefect_or_mlflow():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-def test_one_million_rows_under_two_seconds():
+def test_one_million_rows_are_all_counted_and_the_profile_stays_small():
+    # How fast this runs is bench/drift.py's business (a table with ratios, not a timed test):
+    # here, what a user of a 1M-row table sees -- every feature compared on every row, and the
+    # stored profile stays small whatever the row count.
     rng = np.random.default_rng(14)
     n = 1_000_000
 
@@ -613,14 +616,10 @@ def test_one_million_rows_under_two_seconds():
         return pd.DataFrame(data)
 
     ref, cur = frame(0.0), frame(0.002)
-    t0 = time.perf_counter()
     prof = build_profile(ref)
-    t_build = time.perf_counter() - t0
-    t0 = time.perf_counter()
     result = compare_to_profile(prof, cur)
-    t_compare = time.perf_counter() - t0
-    print(f"\n1M rows x 10 numeric + 1 categorical: build {t_build:.3f}s, compare {t_compare:.3f}s, "
-          f"profile {len(json.dumps(prof)) / 1e3:.0f} kB")
     assert len(result) == 11
-    assert t_compare <= 2.0
-    assert t_build <= 3.0
+    assert all(r.n_reference == n and r.n_current == n for r in result)
+    # the profile holds sketches and bins, not rows: 100x the rows, at most 1.5x the bytes
+    small = build_profile(ref.iloc[:10_000])
+    assert len(json.dumps(prof)) <= 1.5 * len(json.dumps(small))
