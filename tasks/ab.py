@@ -49,10 +49,11 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import AbstractSet, Any, Callable, Iterable, Literal, Sequence
+from typing import AbstractSet, Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import sqlalchemy as sa
@@ -398,14 +399,22 @@ def dispose_engines() -> None:
             engine.dispose()
 
 
-def ensure_schema(engine: Engine) -> int:
-    """Create the tables on an empty database, migrate an older one; returns the version.
-
-    Serialised between processes: a PostgreSQL advisory lock, SQLite's write lock.
-    """
+@contextmanager
+def schema_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that alone, among all processes, creates or migrates tables of this database:
+    a PostgreSQL advisory lock, SQLite's write lock. Two PostgreSQL sessions running the same
+    CREATE TABLE at once fail one of them (a unique violation in pg_type, even with IF NOT
+    EXISTS): the service's workers start at the same moment on a fresh store."""
     with engine.execution_options(ab_write=True).begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+        yield conn
+
+
+def ensure_schema(engine: Engine) -> int:
+    """Create the tables on an empty database, migrate an older one; returns the version.
+    Serialised between processes (schema_transaction)."""
+    with schema_transaction(engine) as conn:
         if not sa.inspect(conn).has_table("ab_schema_version"):
             metadata.create_all(conn)
             conn.execute(sa.insert(schema_version_table).values(

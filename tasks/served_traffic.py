@@ -65,7 +65,7 @@ _READY_LOCK = threading.Lock()
 
 def served_engine(url: str | None = None) -> Engine:
     """The A/B store's engine (`url`, else the ABPolicy in force) with `served_rows` created."""
-    from tasks.ab import get_engine
+    from tasks.ab import get_engine, schema_transaction
 
     if url is None:
         from blocks.ab_policy import resolve_ab_policy
@@ -77,12 +77,8 @@ def served_engine(url: str | None = None) -> Engine:
     engine = get_engine(url)
     with _READY_LOCK:
         if url not in _READY:
-            try:
-                metadata.create_all(engine, checkfirst=True)
-            except (OperationalError, ProgrammingError):
-                # another worker created it between our check and our CREATE: fine if it exists
-                if not sa.inspect(engine).has_table("served_rows"):
-                    raise
+            with schema_transaction(engine) as conn:
+                metadata.create_all(conn, checkfirst=True)
             _READY.add(url)
     return engine
 

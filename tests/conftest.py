@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from contextlib import contextmanager
+from typing import Iterator
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -88,6 +90,27 @@ def postgres_available() -> bool:
             return True
     except OSError:
         return False
+
+
+@contextmanager
+def fresh_postgres_database(prefix: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database (skips where none answers), as a bare postgresql:// URL
+    (the stores must pick the installed driver); dropped afterwards, open connections or not.
+    Created and dropped by deployments/stack.py, as `make up` does."""
+    import subprocess
+    import sys
+    import uuid
+
+    require_postgres()
+    url = f"postgresql://postgres@127.0.0.1:5432/{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    stack = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                          "deployments", "stack.py")]
+    made = subprocess.run([*stack, "ensure-db", url], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    try:
+        yield url
+    finally:
+        subprocess.run([*stack, "drop-db", url], capture_output=True, text=True, timeout=60)
 
 
 def require_postgres():

@@ -3,7 +3,6 @@ to the log's aggregation (and to pandas), outcome accounting, one active test pe
 race, concurrent writers, closed tests, results that never read the log, the policy block."""
 from __future__ import annotations
 
-import os
 import threading
 import uuid
 
@@ -21,41 +20,25 @@ from tasks.ab import (ABStore, ABTestClosedError, ABTestNotFoundError, ActiveTes
 from tasks.ab_tasks import analyse, read_results, series
 
 try:
-    from conftest import require_postgres
+    from conftest import fresh_postgres_database
 except ImportError:  # pragma: no cover
-    from tests.conftest import require_postgres
+    from tests.conftest import fresh_postgres_database
 
 _PG_KEY = pytest.StashKey[dict]()
 
 
 def shared_postgres_url(request) -> str:
-    """One PostgreSQL database per test session for every A/B test module, dropped at the end.
-    A bare postgresql:// URL on purpose: the store must pick the installed driver."""
-    require_postgres()
+    """One PostgreSQL database per test session for every A/B test module, dropped at the end."""
     cache = request.config.stash.setdefault(_PG_KEY, {})
     if "url" not in cache:
-        import psycopg2
-        from psycopg2 import sql
-
-        name = f"mlops_ab_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-
-        def admin(statement):
-            conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
-            conn.autocommit = True
-            try:
-                with conn.cursor() as cur:
-                    cur.execute(statement)
-            finally:
-                conn.close()
-
-        admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        database = fresh_postgres_database("mlops_ab_test")
+        cache["url"] = database.__enter__()
 
         def drop():
             dispose_engines()
-            admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            database.__exit__(None, None, None)
 
         request.config.add_cleanup(drop)
-        cache["url"] = f"postgresql://postgres@127.0.0.1:5432/{name}"
     return cache["url"]
 
 

@@ -315,3 +315,49 @@ def test_an_unreachable_store_is_refused_at_start(state_dir):
         from tests.conftest import free_port
     with pytest.raises(StoreError, match="cannot open the A/B store"):
         ServedTrafficSampler(0.5, url=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
+
+
+STARTING_WORKER = """
+import pathlib, sys, time
+from tasks.ab import open_store
+from tasks.served_traffic import ServedTrafficSampler
+url, barrier, me, n = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+(barrier / me).touch()
+while len(list(barrier.iterdir())) < n:  # everything imported: start together
+    time.sleep(0.005)
+ServedTrafficSampler(0.5, url=url).close()  # what a service worker builds at start
+open_store(url)
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("attempt", [1, 2])
+def test_service_workers_starting_together_on_a_fresh_postgres_store_all_start(tmp_path, attempt):
+    """`make up PROFILE=production` starts the service's workers at the same moment on a fresh
+    A/B database, and each creates the tables it needs. PostgreSQL fails one of two concurrent
+    CREATE TABLEs, and a worker whose start fails stops the whole service (uvicorn's supervisor):
+    every worker must start, and the tables exist once."""
+    import subprocess
+    import sys
+
+    try:
+        from conftest import fresh_postgres_database
+    except ImportError:  # pragma: no cover - with tests/__init__.py
+        from tests.conftest import fresh_postgres_database
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with fresh_postgres_database("mlops_served_start") as url:
+        barrier = tmp_path / "barrier"
+        barrier.mkdir()
+        workers = [subprocess.Popen([sys.executable, "-c", STARTING_WORKER, url, str(barrier),
+                                     str(i), "4"], cwd=root, stderr=subprocess.PIPE, text=True)
+                   for i in range(4)]
+        errors = [w.communicate(timeout=120)[1] for w in workers]
+        assert [w.returncode for w in workers] == [0, 0, 0, 0], "\n".join(e[-1500:] for e in errors)
+        engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg2://"))
+        try:
+            assert {"served_rows", "ab_tests", "ab_predictions"} <= set(
+                sa.inspect(engine).get_table_names())
+        finally:
+            engine.dispose()

@@ -151,8 +151,12 @@ def test_a_worker_in_another_folder_and_home_shares_every_store(pg_stack, churn_
     headers = {"Authorization": f"Bearer {(pg_stack.stack_dir / 'api-key').read_text().strip()}"}
 
     def api(path: str, **params):
-        answer = httpx.get(f"{pg_stack.api_url}/api/v1/mlops{path}", params=params,
-                           headers=headers, timeout=60)
+        try:
+            answer = httpx.get(f"{pg_stack.api_url}/api/v1/mlops{path}", params=params,
+                               headers=headers, timeout=60)
+        except httpx.ConnectError as exc:
+            raise AssertionError(f"the REST API does not answer ({exc}); its log:\n"
+                                 f"{pg_stack.log_tail('api', 40)}") from exc
         assert answer.status_code == 200, answer.text
         return answer.json()
 
