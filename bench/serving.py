@@ -234,16 +234,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     os.environ["MLOPS_HOME"] = str(work / "state")
     procs: list[subprocess.Popen] = []
-    pg_database = create_pg_database() if args.store == "postgres" else None
+    pg_url = (f"postgresql+psycopg2://postgres@127.0.0.1:5432/serving_bench_{os.getpid()}"
+              if args.store == "postgres" else None)
+    if pg_url is not None:
+        pg_database("ensure-db", pg_url)
     try:
         with prefect_test_harness(server_startup_timeout=120):
             from prefect.settings import PREFECT_API_URL
 
-            if pg_database is not None:
+            if pg_url is not None:
                 from blocks.ab_policy import ABPolicy
                 from blocks.mlflow_config import DEFAULT_DOCUMENT
 
-                ABPolicy(database_url=pg_url(pg_database)).save(DEFAULT_DOCUMENT, overwrite=True)
+                ABPolicy(database_url=pg_url).save(DEFAULT_DOCUMENT, overwrite=True)
             print("setting up: 2 HGB versions, ONNX exports, an A/B test ...", flush=True)
             test_id, key, sample = setup()
             env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),
@@ -303,41 +306,17 @@ def main() -> None:
     finally:
         for p in procs:
             stop(p, timeout=20)
-        if pg_database is not None:
-            drop_pg_database(pg_database)
+        if pg_url is not None:
+            pg_database("drop-db", pg_url)
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _pg_admin(statement) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement)
-    finally:
-        conn.close()
-
-
-def create_pg_database() -> str:
-    import uuid
-
-    from psycopg2 import sql
-
-    name = f"serving_bench_{uuid.uuid4().hex[:8]}"
-    _pg_admin(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return name
-
-
-def drop_pg_database(name: str) -> None:
-    from psycopg2 import sql
-
-    _pg_admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-def pg_url(name: str) -> str:
-    return f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+def pg_database(action: str, url: str) -> None:
+    """`ensure-db` / `drop-db` of a PostgreSQL database, as `make up` does (deployments/stack.py)."""
+    done = subprocess.run([sys.executable, str(ROOT / "deployments" / "stack.py"), action, url],
+                          capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise SystemExit(f"{action} {url} failed: {done.stderr.strip()}")
 
 
 def served_rows(metrics_url: str) -> int:
