@@ -71,8 +71,7 @@ def check_rows(rows: Any, numeric: Sequence[str], categorical: Sequence[str],
             try:
                 v = row[c]
             except KeyError:
-                raise InputError(f"rows[{i}] lacks column {c!r} (the model needs: "
-                                 f"{', '.join([*numeric, *categorical])})", f"rows[{i}].{c}") from None
+                raise _lacks(i, c, numeric, categorical) from None
             t = type(v)
             if t is float or t is int:
                 columns[c][i] = v
@@ -87,8 +86,7 @@ def check_rows(rows: Any, numeric: Sequence[str], categorical: Sequence[str],
             try:
                 v = row[c]
             except KeyError:
-                raise InputError(f"rows[{i}] lacks column {c!r} (the model needs: "
-                                 f"{', '.join([*numeric, *categorical])})", f"rows[{i}].{c}") from None
+                raise _lacks(i, c, numeric, categorical) from None
             t = type(v)
             if t is str or v is None:
                 columns[c][i] = v
@@ -98,6 +96,11 @@ def check_rows(rows: Any, numeric: Sequence[str], categorical: Sequence[str],
                 raise InputError(f"rows[{i}].{c} must be a string, a number or null "
                                  f"(categorical), got {t.__name__}", f"rows[{i}].{c}")
     return columns
+
+
+def _lacks(i: int, column: str, numeric: Sequence[str], categorical: Sequence[str]) -> InputError:
+    return InputError(f"rows[{i}] lacks column {column!r} (the model needs: "
+                      f"{', '.join([*numeric, *categorical])})", f"rows[{i}].{column}")
 
 
 class RowLimitError(InputError):
