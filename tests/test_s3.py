@@ -45,10 +45,9 @@ class S3Server:
     frame: pd.DataFrame  # what churn.csv and churn.parquet hold
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """moto_server on a free loopback port, with one bucket holding churn.csv and churn.parquet."""
-    workdir = tmp_path_factory.mktemp("moto")
+def start_moto(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """moto_server on a free loopback port in its own process group, once it answers:
+    (process, endpoint URL). The caller stops it (stop_process_group)."""
     port = free_port()
     log_path = workdir / "moto.log"
     with open(log_path, "wb") as log:
@@ -56,23 +55,29 @@ def s3_server(tmp_path_factory):
                                    stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
                                    start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {process.returncode}:\n"
-                                   f"{log_tail(log_path)}")
-            try:
-                with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server did not answer within {SERVER_START_TIMEOUT_S}s:"
-                                   f"\n{log_tail(log_path)}")
-            time.sleep(0.2)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {process.returncode}:\n"
+                               f"{log_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2) as r:
+                if r.status == 200:
+                    return process, endpoint
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            stop_process_group(process)
+            raise RuntimeError(f"moto_server did not answer within {SERVER_START_TIMEOUT_S}s:"
+                               f"\n{log_tail(log_path)}")
+        time.sleep(0.2)
 
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto_server on a free loopback port, with one bucket holding churn.csv and churn.parquet."""
+    process, endpoint = start_moto(tmp_path_factory.mktemp("moto"))
+    try:
         bucket = f"mlops-data-{uuid.uuid4().hex[:8]}"
         s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY,
                           aws_secret_access_key=SECRET_KEY, region_name=REGION)

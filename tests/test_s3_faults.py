@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
-import urllib.request
 import uuid
 
 import boto3
@@ -26,9 +24,8 @@ from tasks.demo_data import churn_frame
 from tasks.export.base import ExportError
 from tasks.export.steps import export_dir
 from tasks.registry import mlflow_client
-from tests.conftest import free_port
-from tests.servers import WatchingProxy, log_tail, stop_process_group
-from tests.test_s3 import ACCESS_KEY, MOTO_BIN, REGION, SECRET_KEY
+from tests.servers import WatchingProxy, stop_process_group
+from tests.test_s3 import ACCESS_KEY, REGION, SECRET_KEY, start_moto
 
 BLOCK = "mlops-s3-fault"
 READ_TIMEOUT_S = 3
@@ -36,26 +33,10 @@ READ_TIMEOUT_S = 3
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("moto-fault")
-    port = free_port()
-    log_path = workdir / "moto.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([str(MOTO_BIN), "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-                                   start_new_session=True)
-    proxy = WatchingProxy(port)
+    process, direct = start_moto(tmp_path_factory.mktemp("moto-fault"))
+    proxy = WatchingProxy(int(direct.rsplit(":", 1)[1]))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/data.json",
-                                            timeout=2):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start:\n{log_tail(log_path)}")
-                time.sleep(0.2)
-        yield process, proxy, f"http://127.0.0.1:{port}"
+        yield process, proxy, direct
     finally:
         proxy.close()
         os.killpg(process.pid, signal.SIGCONT)  # never leave it paused
