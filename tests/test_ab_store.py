@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from contextlib import ExitStack
 
 import numpy as np
 import pandas as pd
@@ -31,14 +32,10 @@ def shared_postgres_url(request) -> str:
     """One PostgreSQL database per test session for every A/B test module, dropped at the end."""
     cache = request.config.stash.setdefault(_PG_KEY, {})
     if "url" not in cache:
-        database = fresh_postgres_database("mlops_ab_test")
-        cache["url"] = database.__enter__()
-
-        def drop():
-            dispose_engines()
-            database.__exit__(None, None, None)
-
-        request.config.add_cleanup(drop)
+        stack = ExitStack()
+        cache["url"] = stack.enter_context(fresh_postgres_database("mlops_ab_test"))
+        stack.callback(dispose_engines)  # runs first: no pooled connection keeps the database
+        request.config.add_cleanup(stack.close)
     return cache["url"]
 
 

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
+from blocks.ab_policy import normalise_database_url
 from tasks.data import load_table
 from tasks.errors import ConfigurationError, DataError
 from tasks.served_traffic import (ServedTrafficSampler, load_served, load_served_ref,
@@ -355,7 +356,7 @@ def test_service_workers_starting_together_on_a_fresh_postgres_store_all_start(t
                    for i in range(4)]
         errors = [w.communicate(timeout=120)[1] for w in workers]
         assert [w.returncode for w in workers] == [0, 0, 0, 0], "\n".join(e[-1500:] for e in errors)
-        engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg2://"))
+        engine = sa.create_engine(normalise_database_url(url))
         try:
             assert {"served_rows", "ab_tests", "ab_predictions"} <= set(
                 sa.inspect(engine).get_table_names())
