@@ -8,18 +8,20 @@ format available, quantized where that keeps parity, as one zip bundle with its 
 """
 from __future__ import annotations
 
+import socket
 from typing import Literal
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from blocks.export_settings import resolve_export_settings
 from flows.parameters import DataRef, data_flow
 from tasks.events import emit_model_event
 from tasks.export.base import plan_formats
-from tasks.export.report import ExportReport, ExportResult, summary_line, table_rows
-from tasks.export.steps import (export_one, fetch_export, load_subject, one_export_at_a_time,
-                                parity_sample, publish, reference_outputs)
+from tasks.export.report import (ExportReport, ExportResult, summary_line, table_rows,
+                                 where_to_fetch)
+from tasks.export.steps import (download_located, export_one, load_subject, locate_export,
+                                one_export_at_a_time, parity_sample, publish, reference_outputs)
 from tasks.registry import model_slug, validate_model_name
 
 FormatName = Literal["onnx", "pmml", "tflite", "coreml", "edge"]
@@ -91,9 +93,23 @@ def download_export(model_name: str, version: int | str = "champion",
         version: A version number or an alias (champion, challenger, Production, Staging).
         format: onnx, pmml, tflite, coreml, or edge (the zip bundle).
         dst_dir: Folder to copy the file into; empty: the export store's own copy.
+
+    The path is on the machine that ran the flow (a worker's disk when run by a deployment): the
+    markdown artifact `download-<model>-v<version>-<format>` names where any machine gets the
+    same file (MLflow, S3 when published there, the REST API).
     """
+    import mlflow
+
     validate_model_name(model_name)
-    return fetch_export(model_name, version, format, dst_dir)
+    where = locate_export(model_name, version, format)
+    path = download_located(where, dst_dir)
+    create_markdown_artifact(
+        key=f"download-{model_slug(model_name)}-v{where.version}-{where.format}",
+        markdown=where_to_fetch(model_name, where.version, where.format, where.files[0]["sha256"],
+                                str(path), socket.gethostname(), where.mlflow_uri,
+                                mlflow.get_tracking_uri(), where.s3_uri),
+        description=f"{model_name} v{where.version} {where.format}: where to fetch it")
+    return str(path)
 
 
 def lifecycle_step(story) -> None:

@@ -164,10 +164,6 @@ class Story:
 
 
 def test_lifecycle_step_exports_the_champion_with_an_edge_bundle_and_a_table(models):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
     m = models["churn_linear"]
     story = Story(m.name)
     lifecycle_step(story)
@@ -193,12 +189,9 @@ def test_lifecycle_step_exports_the_champion_with_an_edge_bundle_and_a_table(mod
     assert set(listed) == {"onnx/churn-linear-v1.onnx", "tflite/churn-linear-v1.tflite",
                            "coreml/churn-linear-v1.mlmodel"}
 
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[f"export-churn-linear-v{m.version}"])),
-            sort=ArtifactSort.CREATED_DESC, limit=1)  # the latest of the key's versions
-    assert artifacts and artifacts[0].type == "table"
-    table = artifacts[0].data if isinstance(artifacts[0].data, list) else json.loads(artifacts[0].data)
+    artifact = latest_artifact(f"export-churn-linear-v{m.version}")
+    assert artifact.type == "table"
+    table = artifact.data if isinstance(artifact.data, list) else json.loads(artifact.data)
     assert {row["format"] for row in table} == {"onnx", "pmml", "tflite", "coreml"}
 
     # a later export of one format keeps the others and the bundle in the manifest
@@ -350,3 +343,26 @@ def test_exports_are_uploaded_through_the_configured_s3_bucket_block(models, s3_
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"exports/churn_linear/v{m.version}/"
                                                             "manifest.json")["Body"].read())
     assert manifest["formats"]["onnx"]["s3_uri"] == onnx.s3_uri
+
+    # a download made by a deployment lands on the worker's disk: its artifact names where any
+    # machine gets the same bytes, and each of those places answers with them
+    local = Path(download_export(m.name, m.version, "onnx"))
+    markdown = latest_artifact(f"download-churn-linear-v{m.version}-onnx").data
+    assert str(local) in markdown and onnx.s3_uri in markdown and onnx.sha256 in markdown
+    assert f"/api/v1/mlops/models/export/{m.name}/{m.version}/download?format=onnx" in markdown
+    mlflow_uri = f"runs:/{m.run_id}/exports/onnx/{local.name}"
+    assert mlflow_uri in markdown
+    again = Path(mlflow.artifacts.download_artifacts(mlflow_uri, dst_path=str(local.parent / "x")))
+    assert again.read_bytes() == local.read_bytes() == body
+
+
+def latest_artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1)
+    assert found, f"no artifact {key}"
+    return found[0]

@@ -3,6 +3,7 @@ fields, never rename them."""
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field
 
@@ -117,3 +118,29 @@ def _g(x: float | None) -> str:
 
 def _f(x: float | None) -> str:
     return "" if x is None else f"{x:,.0f}"
+
+
+def where_to_fetch(model_name: str, version: int, fmt: str, sha256: str, local_path: str,
+                   host: str, mlflow_uri: str, tracking_uri: str, s3_uri: str | None) -> str:
+    """Markdown for a download's Prefect artifact: the copy this run made is on the disk of the
+    machine that ran it, so the artifact names the places any machine can fetch it from."""
+    lines = [f"**{model_name} v{version}: {fmt}** (sha256 `{sha256}`)", "",
+             f"This run's copy: `{local_path}` on `{host}` (the machine that ran the flow).", "",
+             "From any machine:",
+             f"- MLflow: `MLFLOW_TRACKING_URI={_without_credentials(tracking_uri)} mlflow "
+             f"artifacts download "
+             f"-u {mlflow_uri}`"]
+    if s3_uri:
+        lines.append(f"- S3: `{s3_uri}`")
+    lines.append(f"- REST API: `GET /api/v1/mlops/models/export/{model_name}/{version}/download"
+                 f"?format={fmt}`")
+    return "\n".join(lines)
+
+
+def _without_credentials(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -291,27 +291,40 @@ def _upload(bucket, local: Path, key: str) -> str:
 
 
 # --------------------------------------------------------------------------- download
-def fetch_export(model_name: str, version: int | str, fmt: str, dst_dir: str | Path | None = None) -> str:
-    """Local path of a published export (`fmt` = a format or "edge" for the bundle), downloaded
-    from the version's run and checked against the manifest's sha256."""
-    import mlflow
+@dataclass
+class ExportLocation:
+    """Where a published export can be fetched from any machine: the version's MLflow run
+    (through the tracking server) and, when it was uploaded, S3."""
+    model_name: str
+    version: int
+    format: str
+    run_id: str
+    files: list[dict[str, Any]]  # manifest entries: path (under exports/), sha256
+    s3_uri: str | None = None
 
+    @property
+    def mlflow_uri(self) -> str:
+        return f"runs:/{self.run_id}/{EXPORTS}/{self.files[0]['path']}"
+
+
+def locate_export(model_name: str, version: int | str, fmt: str) -> ExportLocation:
+    """The published files of a version's export (`fmt` = a format or "edge" for the bundle),
+    read from its manifest; an ExportError says how to make the export when there is none."""
     fmt = str(fmt).strip().lower()
     if fmt not in FORMATS and fmt != EDGE:
         raise ConfigurationError(f"unknown export format {fmt!r}; choose from "
                                  f"{', '.join([*FORMATS, EDGE])}")
-    client = mlflow_client()
-    mv = resolve_version(client, model_name, version)
+    mv = resolve_version(mlflow_client(), model_name, version)
     n = int(mv.version)
     manifest = read_manifest(mv.run_id) if mv.run_id else None
     how = f"run export_model({model_name!r}, {n}, formats=[{fmt!r}]) first"
     if manifest is None:
         raise ExportError(f"{model_name} v{n} has no exports; {how}")
     if fmt == EDGE:
-        bundle = manifest.get("bundle")
-        if not bundle:
+        entry = manifest.get("bundle")
+        if not entry:
             raise ExportError(f"{model_name} v{n} has no edge bundle; {how}")
-        files = [bundle]
+        files = [entry]
     else:
         entry = manifest.get("formats", {}).get(fmt)
         if entry is None:
@@ -320,17 +333,32 @@ def fetch_export(model_name: str, version: int | str, fmt: str, dst_dir: str | P
             raise ExportError(f"the {fmt} export of {model_name} v{n} is {entry.get('status')}: "
                               f"{entry.get('reason')}; nothing was published")
         files = entry["files"]
-    target = Path(dst_dir) if dst_dir else state_dir() / "downloads" / model_slug(model_name) / f"v{n}"
+    return ExportLocation(model_name, n, fmt, mv.run_id, files, entry.get("s3_uri"))
+
+
+def fetch_export(model_name: str, version: int | str, fmt: str, dst_dir: str | Path | None = None) -> str:
+    """Local path of a published export (`fmt` = a format or "edge" for the bundle), downloaded
+    from the version's run and checked against the manifest's sha256."""
+    return str(download_located(locate_export(model_name, version, fmt), dst_dir))
+
+
+def download_located(where: ExportLocation, dst_dir: str | Path | None = None) -> Path:
+    """Download `where`'s files into `dst_dir` (default: the state folder's downloads), each
+    checked against its manifest sha256; the path of the first (the model file)."""
+    import mlflow
+
+    target = (Path(dst_dir) if dst_dir else
+              state_dir() / "downloads" / model_slug(where.model_name) / f"v{where.version}")
     paths = []
-    for f in files:
+    for f in where.files:
         local = Path(mlflow.artifacts.download_artifacts(
-            run_id=mv.run_id, artifact_path=f"{EXPORTS}/{f['path']}", dst_path=str(target)))
+            run_id=where.run_id, artifact_path=f"{EXPORTS}/{f['path']}", dst_path=str(target)))
         digest = sha256_file(local)
         if digest != f["sha256"]:
             raise ExportError(f"{local} has sha256 {digest}, the manifest says {f['sha256']}: the "
                               "stored file was altered; export the version again")
         paths.append(local)
-    return str(paths[0])
+    return paths[0]
 
 
 # --------------------------------------------------------------------------- helpers
