@@ -31,8 +31,11 @@ index ``ab_units_covering (test_pk, arm, outcome)``: the audit of the running su
 
 A write of predictions or outcomes that fails because the database does not answer (a restart, a
 connection cut) is retried with its batch id for up to ``ABStore.unavailable_seconds``, then
-raises :class:`StoreUnavailableError`; nothing is lost or counted twice either way
-(tests/test_ab_store_faults.py restarts a private PostgreSQL under load to prove it).
+raises :class:`StoreUnavailableError`; nothing is lost or counted twice either way. Reads (the
+test, its sums, the recount, ...) and the first open in a process (engine and schema check) wait
+the same way (:func:`until_answered`): tests/test_ab_store_faults.py restarts a private
+PostgreSQL under load and under the record-outcomes flow to prove it. Other writes (create,
+conclude) are not retried: they fail at once.
 
 Writes on SQLite run in ``BEGIN IMMEDIATE`` transactions (one writer at a time, no lock upgrade
 deadlocks) in WAL mode; on PostgreSQL the rows a write reads are locked ``FOR UPDATE`` and the
@@ -42,6 +45,7 @@ Times are stored as integer milliseconds since the Unix epoch (UTC).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import secrets
@@ -53,7 +57,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import AbstractSet, Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import AbstractSet, Any, Callable, Iterable, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -75,6 +79,11 @@ WRITE_RETRIES = 3
 UNAVAILABLE_SECONDS = 30.0  # how long a batch write waits for a database that does not answer
 BATCH_MEMORY_DAYS = 7  # how long a batch id is remembered (longer than any client keeps a retry)
 _PG_LOCK_KEY = 7_166_353_451  # pg_advisory_xact_lock key serialising schema creation/migration
+# errors no wait cures: waiting would only delay their message
+_PERMANENT_MARKERS = ("does not exist", "authentication failed", "pg_hba.conf",
+                      "permission denied", "no such table", "unable to open database file")
+_T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- errors
@@ -108,8 +117,9 @@ class StoreError(ABTestError, RuntimeError):
 
 
 class StoreUnavailableError(StoreError):
-    """The database did not answer for the whole wait of a batch write: the batch was not
-    written, or was written exactly once (retrying with the same batch id is safe)."""
+    """The database did not answer for the whole wait (``ABStore.unavailable_seconds``) of a
+    batch write, a read or the first open in a process. A batch was not written, or was written
+    exactly once (retrying with the same batch id is safe); a read or an open wrote nothing."""
 
 
 # --------------------------------------------------------------------------- schema
@@ -359,8 +369,11 @@ def _sqlite_engine(url: str) -> Engine:
     return engine
 
 
-def get_engine(url: str) -> Engine:
-    """One engine per URL and process (schema checked once, when it is created)."""
+def get_engine(url: str, wait: float | None = None) -> Engine:
+    """One engine per URL and process (schema checked once, when it is created).
+
+    The first open waits for a database that does not answer (a restart) for up to `wait`
+    seconds (default ``ABStore.unavailable_seconds``), then raises StoreUnavailableError."""
     with _ENGINES_LOCK:
         engine = _ENGINES.get(url)
         if engine is not None:
@@ -374,12 +387,18 @@ def get_engine(url: str) -> Engine:
     else:
         raise StoreError(f"unsupported A/B store URL {make_url(url).render_as_string()!r}: use "
                          "sqlite:///path/ab.db or postgresql+psycopg2://user:pw@host:5432/db")
+    shown = make_url(url).render_as_string(hide_password=True)
     try:
-        ensure_schema(engine)
-    except OperationalError as exc:
+        until_answered(
+            lambda: ensure_schema(engine), ABStore.unavailable_seconds if wait is None else wait,
+            f"opening the A/B store {shown} (schema check)",
+            lambda waited, cause: (
+                f"cannot open the A/B store at {shown}: it did not answer for {waited:.0f} s "
+                f"({cause}); nothing was written. Check that the database server is up and that "
+                "the URL (ABPolicy block) is right, then run the call again"))
+    except OperationalError as exc:  # not a wait: a missing database, a refused password, ...
         engine.dispose()
-        raise StoreError(f"cannot open the A/B store at "
-                         f"{make_url(url).render_as_string(hide_password=True)}: {exc.orig}") from exc
+        raise StoreError(f"cannot open the A/B store at {shown}: {exc.orig}") from exc
     except Exception:
         engine.dispose()
         raise
@@ -431,6 +450,43 @@ def ensure_schema(engine: Engine) -> int:
             conn.execute(sa.update(schema_version_table).where(schema_version_table.c.id == 1)
                          .values(version=version + 1, updated_at_ms=now_ms()))
         return SCHEMA_VERSION
+
+
+# --------------------------------------------------------------------------- waiting
+def unanswered(exc: BaseException) -> bool:
+    """Whether a database error means "the server does not answer now": a refused or cut
+    connection, "the database system is starting up" / "is shutting down", a session ended by a
+    restart. A missing database or table, a refused password are not: no wait cures them."""
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    text = str(exc.orig or exc).lower()
+    return not any(marker in text for marker in _PERMANENT_MARKERS)
+
+
+def until_answered(attempt: Callable[[], _T], seconds: float, doing: str,
+                   failure: Callable[[float, str], str]) -> _T:
+    """`attempt()`, run again while the database does not answer (:func:`unanswered`), with
+    pauses growing from 0.1 s to 1 s, for up to `seconds`; then StoreUnavailableError with
+    `failure(waited seconds, cause)` as its message. `attempt` must be safe to run again: a
+    read, a transaction that rolled back, a batch write that replays its batch id."""
+    waited_since, pause = None, 0.1
+    while True:
+        try:
+            return attempt()
+        except (OperationalError, InterfaceError) as exc:
+            if not unanswered(exc):
+                raise
+            cause = (f"{type(exc.orig or exc).__name__}: "
+                     f"{' '.join(str(exc.orig or exc).split())[:200]}")
+            if waited_since is None:
+                waited_since = time.monotonic()
+                log.warning("%s: the database does not answer (%s); retrying for up to %.0f s",
+                            doing, cause, seconds)
+            waited = time.monotonic() - waited_since
+            if waited >= seconds:
+                raise StoreUnavailableError(failure(waited, cause)) from exc
+            time.sleep(min(pause, max(0.0, seconds - waited)))
+            pause = min(pause * 2, 1.0)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -530,13 +586,16 @@ def _check_batch_id(batch_id: str | None) -> str:
 class ABStore:
     """The A/B tables in one database. Cheap to construct: engines are cached per URL."""
 
+    #: how long a batch write, a read or the first open waits for a database that does not
+    #: answer (a restart) before StoreUnavailableError; per store, or here for every store
+    unavailable_seconds: float = UNAVAILABLE_SECONDS
+
     def __init__(self, url: str):
         from blocks.ab_policy import normalise_database_url
 
         self.url = normalise_database_url(url)
-        self.engine = get_engine(self.url)
+        self.engine = get_engine(self.url, wait=self.unavailable_seconds)
         self._writer = self.engine.execution_options(ab_write=True)
-        self.unavailable_seconds = UNAVAILABLE_SECONDS
 
     @property
     def backend(self) -> str:
@@ -545,13 +604,40 @@ class ABStore:
     def describe(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
 
+    def _read(self, what: str, work: Callable[[Connection], _T]) -> _T:
+        """`work(conn)` on a fresh connection, run again while the database does not answer
+        (a restart) for up to `unavailable_seconds`."""
+        def attempt() -> _T:
+            with self.engine.connect() as conn:
+                return work(conn)
+
+        return until_answered(
+            attempt, self.unavailable_seconds, f"reading {what} from {self.describe()}",
+            lambda waited, cause: (
+                f"the A/B store {self.describe()} did not answer for {waited:.0f} s while reading "
+                f"{what} ({cause}); nothing was written. Check that the database server is up and "
+                "that the URL (ABPolicy block) is right, then run the call again: outcomes "
+                "recorded before count as duplicates, never twice"))
+
     def _write(self, work: Callable[[Connection], Any], batch: _Batch | None = None) -> Any:
         """Run `work` in one write transaction, retried when a concurrent writer collided.
 
         With a `batch`, also retried while the database does not answer (for up to
         `unavailable_seconds`): the batch id is recorded in the same transaction, so a retry of
         a write that did commit returns the first result and writes nothing."""
-        collisions, waited_since, pause = 0, None, 0.1
+        if batch is None:
+            return self._write_once(work, None)
+        return until_answered(
+            lambda: self._write_once(work, batch), self.unavailable_seconds,
+            f"writing batch {batch.batch_id} of {batch.kind} to {self.describe()}",
+            lambda waited, cause: (
+                f"the A/B store {self.describe()} did not answer for {waited:.0f} s ({cause}); "
+                f"batch {batch.batch_id} of {batch.kind} was not written or was written once: "
+                "retry with the same batch id once the database is back (check that it runs and "
+                "that the URL of the ABPolicy block is right)"))
+
+    def _write_once(self, work: Callable[[Connection], Any], batch: _Batch | None) -> Any:
+        collisions = 0
         while True:
             try:
                 with self._writer.begin() as conn:
@@ -575,20 +661,6 @@ class ABStore:
                 collisions += 1  # the same batch id committed by a concurrent replay: replay it
                 if collisions == WRITE_RETRIES:
                     raise
-            except (OperationalError, InterfaceError) as exc:
-                if batch is None:
-                    raise
-                waited_since = waited_since or time.monotonic()
-                waited = time.monotonic() - waited_since
-                if waited >= self.unavailable_seconds:
-                    raise StoreUnavailableError(
-                        f"the A/B store {self.describe()} did not answer for {waited:.0f} s "
-                        f"({type(exc.orig or exc).__name__}: {' '.join(str(exc.orig or exc).split())[:200]}); "
-                        f"batch {batch.batch_id} of {batch.kind} was not written or was written "
-                        "once: retry with the same batch id once the database is back (check "
-                        "that it runs and that the URL of the ABPolicy block is right)") from exc
-                time.sleep(min(pause, max(0.0, self.unavailable_seconds - waited)))
-                pause = min(pause * 2, 1.0)
 
     # ---------------------------------------------------------------- tests
     def create_test(self, *, model_name: str, champion_version: int, challenger_version: int,
@@ -641,8 +713,8 @@ class ABStore:
 
     def get_test(self, test_id: str) -> TestRecord:
         check_test_id(test_id)
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(tests_table).where(tests_table.c.test_id == test_id)).first()
+        row = self._read(f"A/B test {test_id}", lambda conn: conn.execute(
+            sa.select(tests_table).where(tests_table.c.test_id == test_id)).first())
         if row is None:
             active = [t.test_id for t in self.list_tests(status="active")][:10]
             raise ABTestNotFoundError(
@@ -651,9 +723,8 @@ class ABStore:
         return _record(row)
 
     def active_test(self, model_name: str) -> TestRecord | None:
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(tests_table)
-                               .where(tests_table.c.active_model == model_name)).first()
+        row = self._read(f"the active A/B test of {model_name!r}", lambda conn: conn.execute(
+            sa.select(tests_table).where(tests_table.c.active_model == model_name)).first())
         return None if row is None else _record(row)
 
     def list_tests(self, model_name: str | None = None, status: str | None = "active"
@@ -664,27 +735,32 @@ class ABStore:
             query = query.where(tests_table.c.model_name == model_name)
         if status is not None:
             query = query.where(tests_table.c.status == status)
-        with self.engine.connect() as conn:
-            return [_record(r) for r in conn.execute(query)]
+        return self._read("the list of A/B tests",
+                          lambda conn: [_record(r) for r in conn.execute(query)])
 
     def arm_totals(self, test: TestRecord) -> dict[str, ArmTotals]:
         """The running sums: two primary-key rows, whatever the size of the log."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(arm_stats_table)
-                                .where(arm_stats_table.c.test_pk == test.pk)).all()
+        rows = self._read(f"the arm totals of A/B test {test.test_id}", lambda conn: conn.execute(
+            sa.select(arm_stats_table).where(arm_stats_table.c.test_pk == test.pk)).all())
         return {t.arm: t for t in map(_totals, rows)}
 
     def state(self, test_id: str) -> tuple[TestRecord, dict[str, ArmTotals]]:
         """The test and its running sums read in one transaction (a consistent pair)."""
         check_test_id(test_id)
-        with self.engine.connect() as conn, conn.begin():
-            row = conn.execute(sa.select(tests_table).where(tests_table.c.test_id == test_id)).first()
-            if row is None:
-                return self.get_test(test_id), {}  # raises the not-found error
-            test = _record(row)
-            rows = conn.execute(sa.select(arm_stats_table)
-                                .where(arm_stats_table.c.test_pk == test.pk)).all()
-        return test, {t.arm: t for t in map(_totals, rows)}
+
+        def work(conn: Connection) -> tuple[Any, list[Any]]:
+            with conn.begin():
+                row = conn.execute(sa.select(tests_table)
+                                   .where(tests_table.c.test_id == test_id)).first()
+                if row is None:
+                    return None, []
+                return row, conn.execute(sa.select(arm_stats_table).where(
+                    arm_stats_table.c.test_pk == row._mapping["pk"])).all()
+
+        row, rows = self._read(f"A/B test {test_id} and its arm totals", work)
+        if row is None:
+            return self.get_test(test_id), {}  # raises the not-found error
+        return _record(row), {t.arm: t for t in map(_totals, rows)}
 
     def _require_active(self, conn: Connection, test: TestRecord, lock: bool = True) -> None:
         query = sa.select(tests_table.c.status, tests_table.c.concluded_at_ms).where(
@@ -885,7 +961,8 @@ class ABStore:
         """The running sums after each outcome batch, thinned to at most ~`max_points` rows
         (every k-th batch plus the last) so reading them stays bounded."""
         sn = snapshots_table.c
-        with self.engine.connect() as conn:
+
+        def work(conn: Connection) -> list[dict[str, Any]]:
             last = conn.execute(sa.select(sa.func.max(sn.seq)).where(sn.test_pk == test.pk)).scalar()
             if not last:
                 return []
@@ -894,6 +971,8 @@ class ABStore:
             if step > 1:
                 query = query.where(sa.or_(sn.seq % step == 0, sn.seq == last))
             return [dict(r._mapping) for r in conn.execute(query.order_by(sn.seq))]
+
+        return self._read(f"the snapshots of A/B test {test.test_id}", work)
 
     # ---------------------------------------------------------------- conclusion
     def close_test(self, test: TestRecord, *, forced: bool, conclusion: str,
@@ -940,7 +1019,8 @@ class ABStore:
         (never loads the log into Python): routed keys, n, total, total_sq, and (unless
         `predictions=False`) the prediction count, which scans ``ab_predictions``."""
         u, p = units_table.c, predictions_table.c
-        with self.engine.connect() as conn:
+
+        def work(conn: Connection) -> tuple[list[Any], dict[int, int]]:
             rows = conn.execute(
                 sa.select(u.arm, sa.func.count(), sa.func.count(u.outcome),
                           sa.func.coalesce(sa.func.sum(u.outcome), 0.0),
@@ -948,6 +1028,9 @@ class ABStore:
                 .where(u.test_pk == test.pk).group_by(u.arm)).all()
             preds = dict(conn.execute(sa.select(p.arm, sa.func.count()).where(p.test_pk == test.pk)
                                       .group_by(p.arm)).all()) if predictions else {}
+            return rows, preds
+
+        rows, preds = self._read(f"the recount of A/B test {test.test_id}", work)
         out = {name: {"routed": 0, "n": 0, "total": 0.0, "total_sq": 0.0,
                       "predictions": int(preds.get(code, 0))} for code, name in ARM_NAMES.items()}
         for arm, routed, n, total, total_sq in rows:
@@ -974,14 +1057,14 @@ class ABStore:
 
     def row_counts(self) -> dict[str, int]:
         """Rows per A/B table (tests use it to prove a refused call changed nothing)."""
-        with self.engine.connect() as conn:
-            return {name: int(conn.execute(sa.select(sa.func.count()).select_from(
-                metadata.tables[name])).scalar_one()) for name in TABLES}
+        return self._read("the row counts", lambda conn: {
+            name: int(conn.execute(sa.select(sa.func.count()).select_from(
+                metadata.tables[name])).scalar_one()) for name in TABLES})
 
     def fingerprint(self) -> dict[str, Any]:
         """Row counts plus the mutable columns of tests and arm sums: equal before and after a
         refused call."""
-        with self.engine.connect() as conn:
+        def work(conn: Connection) -> tuple[list[tuple], list[tuple]]:
             tests = [tuple(r) for r in conn.execute(
                 sa.select(tests_table.c.test_id, tests_table.c.status, tests_table.c.active_model,
                           tests_table.c.promoted, tests_table.c.forced)
@@ -989,6 +1072,9 @@ class ABStore:
             arms = [tuple(r) for r in conn.execute(
                 sa.select(arm_stats_table).order_by(arm_stats_table.c.test_pk,
                                                     arm_stats_table.c.arm))]
+            return tests, arms
+
+        tests, arms = self._read("the fingerprint", work)
         return {"rows": self.row_counts(), "tests": tests, "arms": arms}
 
 
