@@ -29,34 +29,27 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 20) -> None:
         process.wait(timeout=10)
 
 
-class WatchingProxy:
-    """A TCP proxy on loopback in front of a test server: it passes bytes through unchanged and
-    calls `on_request(request_line)` before forwarding each HTTP request it sees from a client, so
-    a test can stop the server (by its PID) at an exact point of a client's conversation -- e.g.
-    right before the request that creates a model version. The fault itself stays real: the
-    server process is stopped or killed, and the client sees what it would see."""
+class _LoopbackProxy:
+    """A TCP proxy on loopback in front of `target_port`: accepts clients, connects each to the
+    target and hands the pair to `_serve(client, upstream)`. A client that arrives while the
+    target is down sees its connection drop (counted in `refused`), as it would without us."""
 
-    METHODS = (b"GET ", b"POST ", b"PUT ", b"PATCH ", b"DELETE ", b"HEAD ")
-
-    def __init__(self, target_port: int, on_request=None):
+    def __init__(self, target_port: int):
         import socket
         import threading
 
         self.target_port = target_port
-        self.on_request = on_request or (lambda line: None)
-        self.seen: list[str] = []
+        self.refused = 0
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(64)
         self.port = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
         import socket
-        import threading
 
         while not self._closed:
             try:
@@ -67,14 +60,54 @@ class WatchingProxy:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
                 upstream.settimeout(None)
             except OSError:
-                client.close()  # the server is down: the client sees the connection drop
+                self.refused += 1
+                client.close()
                 continue
-            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+            self._serve(client, upstream)
 
-    def _pipe(self, source, sink, from_client: bool) -> None:
+    def _serve(self, client, upstream) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _shut(*sockets) -> None:
+        """shutdown, not only close: a close does not wake the other direction's thread blocked
+        in recv, and the peer would never see the connection end."""
         import socket
 
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+
+
+class WatchingProxy(_LoopbackProxy):
+    """A TCP proxy on loopback in front of a test server: it passes bytes through unchanged and
+    calls `on_request(request_line)` before forwarding each HTTP request it sees from a client, so
+    a test can stop the server (by its PID) at an exact point of a client's conversation -- e.g.
+    right before the request that creates a model version. The fault itself stays real: the
+    server process is stopped or killed, and the client sees what it would see."""
+
+    METHODS = (b"GET ", b"POST ", b"PUT ", b"PATCH ", b"DELETE ", b"HEAD ")
+
+    def __init__(self, target_port: int, on_request=None):
+        self.on_request = on_request or (lambda line: None)
+        self.seen: list[str] = []
+        super().__init__(target_port)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _serve(self, client, upstream) -> None:
+        import threading
+
+        threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, source, sink, from_client: bool) -> None:
         try:
             while chunk := source.recv(65536):
                 if from_client and chunk.startswith(self.METHODS):
@@ -85,18 +118,7 @@ class WatchingProxy:
         except OSError:
             pass
         finally:
-            # shutdown, not only close: a close does not wake the other direction's thread
-            # blocked in recv, and the peer would never see the connection end
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-
-    def close(self) -> None:
-        self._closed = True
-        self._listener.close()
+            self._shut(source, sink)
 
 
 class PrivatePostgres:
@@ -185,63 +207,33 @@ class PrivatePostgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-class CommitAckCutter:
+class CommitAckCutter(_LoopbackProxy):
     """A TCP proxy on loopback in front of PostgreSQL that, once `armed`, lets the next COMMIT
     reach the server, waits for the server's answer (the transaction is durable then), and cuts
     both connections instead of passing the answer on: the client sees its COMMIT fail although
     it took effect -- the lost acknowledgement of a restart, made deterministic. `on_cut()` runs
-    after the cut (a test restarts the server there)."""
+    after the cut (a test restarts the server there). `refused` counts the clients that came
+    while the server was down."""
 
     COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"  # protocol 3 simple query "COMMIT"
 
     def __init__(self, target_port: int, on_cut=None):
-        import socket
         import threading
 
-        self.target_port = target_port
         self.on_cut = on_cut or (lambda: None)
         self.armed = threading.Event()
         self.cuts = 0
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(64)
-        self.port = self._listener.getsockname()[1]
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target_port)
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}?sslmode=disable"
 
-    def _accept(self) -> None:
-        import socket
+    def _serve(self, client, upstream) -> None:
         import threading
 
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-                server.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            state = {"commit_sent": False}
-            threading.Thread(target=self._up, args=(client, server, state), daemon=True).start()
-            threading.Thread(target=self._down, args=(server, client, state), daemon=True).start()
-
-    @staticmethod
-    def _shut(*sockets) -> None:
-        import socket
-
-        for s in sockets:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+        state = {"commit_sent": False}
+        threading.Thread(target=self._up, args=(client, upstream, state), daemon=True).start()
+        threading.Thread(target=self._down, args=(upstream, client, state), daemon=True).start()
 
     def _up(self, client, server, state) -> None:
         try:
@@ -268,7 +260,3 @@ class CommitAckCutter:
             pass
         finally:
             self._shut(client, server)
-
-    def close(self) -> None:
-        self._closed = True
-        self._listener.close()
