@@ -4,10 +4,13 @@ A private cluster (initdb + pg_ctl, its own port, tests/servers.py) is restarted
 `pg_ctl restart -m fast` and `-m immediate`; one COMMIT acknowledgement is cut on its way back to
 the client (the commit took effect, the client sees an error: what a restart at the wrong moment
 does). The audit after each: rows answered = rows in the store, `recount()` equals the running
-sums, every outcome counted once and reported once. Bounded: about 20 s in all.
+sums, every outcome counted once and reported once. The same faults hit the real
+`record-outcomes` flow (its reads, its write, a first open), and a database that stays away
+fails it with StoreUnavailableError, having written nothing. Bounded: about a minute in all.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -15,8 +18,12 @@ import time
 import uuid
 from glob import glob
 
+import pandas as pd
 import pytest
 
+from blocks.ab_policy import ABPolicy
+from blocks.mlflow_config import DEFAULT_DOCUMENT
+from flows.ab_testing import record_outcomes
 from tasks.ab import ABStore, StoreUnavailableError, dispose_engines
 from tasks.prediction_log import PredictionLog
 
@@ -177,3 +184,136 @@ def test_a_database_that_stays_away_is_a_clear_error_and_keeps_the_rows(private_
         private_pg.start()
     assert plog.flush() == 3
     assert assert_audit(store, test) == {"routed": 3, "predictions": 3, "n": 0}
+
+
+# --------------------------------------------------------------------------- the flow
+class WaitLog(logging.Handler):
+    """Counts the store's "does not answer; retrying" warnings: proof a fault hit a call."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+        self._logger = logging.getLogger("tasks.ab")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> "WaitLog":
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+
+
+def routed_test(url: str, prefix: str, n: int):
+    """A test with `n` routed keys (every key has a prediction, none an outcome yet)."""
+    store = ABStore(url)
+    test = new_test(store)
+    keys = [f"{prefix}{i}" for i in range(n)]
+    store.log_predictions(test, keys, [i % 2 for i in range(n)], ["1"] * n, [0.5] * n, [1] * n)
+    return store, test, keys
+
+
+def outcome_file(folder, keys: list[str], name: str) -> str:
+    path = folder / f"{name}.csv"
+    pd.DataFrame({"id": keys, "y": [int(k[-1] in "13579") for k in keys]}).to_csv(path,
+                                                                                 index=False)
+    return str(path)
+
+
+def test_the_record_outcomes_flow_counts_each_outcome_once_through_restarts(private_pg, state_dir,
+                                                                            tmp_path):
+    """Six files of 1,000 outcomes through the real flow while the database restarts five times
+    (fast and immediate) and the COMMIT of one file's write loses its acknowledgement."""
+    name = f"faults_flow_{uuid.uuid4().hex[:6]}"
+    private_pg.create_database(name)
+    cutter = CommitAckCutter(private_pg.port)
+    url = cutter.url(name)
+    _, test, keys = routed_test(url, "c", 6000)
+    files = [outcome_file(tmp_path, keys[i * 1000:(i + 1) * 1000], f"outcomes-{i}")
+             for i in range(6)]
+    ABPolicy(database_url=url).save(DEFAULT_DOCUMENT, overwrite=True)
+    stop, restarts = threading.Event(), []
+
+    def restart_now_and_then():
+        for mode in ("fast", "immediate", "fast", "immediate", "fast"):
+            if stop.wait(0.7):
+                return
+            private_pg.restart(mode)
+            restarts.append(mode)
+
+    restarter = threading.Thread(target=restart_now_and_then)
+    reports, seconds = [], []
+    try:
+        with WaitLog() as waits:
+            restarter.start()
+            for i, path in enumerate(files):
+                dispose_engines()  # each run opens the store anew, as a fresh worker process
+                if i == 3:
+                    # opened here instead (its schema check commits): the run's first COMMIT
+                    # is then its write of outcomes, retried with its batch id after the cut
+                    ABStore(url)
+                    cutter.armed.set()
+                started = time.monotonic()
+                reports.append(record_outcomes(test.test_id, path, "id", "y"))
+                seconds.append(time.monotonic() - started)
+            restarter.join(timeout=120)
+            resent = record_outcomes(test.test_id, files[2], "id", "y")
+    finally:
+        stop.set()
+        restarter.join(timeout=120)
+        ABPolicy.delete(DEFAULT_DOCUMENT)
+        cutter.close()
+    totals = assert_audit(ABStore(private_pg.url(name)), test)
+    kinds = {k: sum(line.startswith(k) for line in waits.lines)
+             for k in ("opening", "reading", "writing")}
+    print(f"{len(restarts)} restarts + {cutter.cuts} cut ack, waits {kinds}, "
+          f"{cutter.refused} refused connections; flow runs "
+          f"{', '.join(f'{s:.1f}' for s in seconds)} s; recorded "
+          f"{[r.recorded for r in reports]}, in store {totals['n']}; re-sent file: "
+          f"{resent.recorded} new, {resent.duplicates} duplicates")
+    assert len(restarts) == 5 and cutter.cuts == 1
+    assert waits.lines, "no restart hit a call of the flow: the test proved nothing"
+    assert [r.recorded for r in reports] == [1000] * 6
+    assert all(r.duplicates == r.unknown_keys == r.conflicting == 0 for r in reports)
+    assert totals == {"routed": 6000, "predictions": 6000, "n": 6000}
+    assert (resent.recorded, resent.duplicates) == (0, 1000)
+
+
+def test_a_database_that_stays_away_fails_the_flow_clearly_and_writes_nothing(
+        private_pg, state_dir, tmp_path, monkeypatch):
+    url = private_pg.create_database(f"faults_flow_away_{uuid.uuid4().hex[:6]}")
+    store, test, keys = routed_test(url, "a", 1000)
+    path = outcome_file(tmp_path, keys, "outcomes")
+    ABPolicy(database_url=url).save(DEFAULT_DOCUMENT, overwrite=True)
+    monkeypatch.setattr(ABStore, "unavailable_seconds", 2.0)
+    before = store.fingerprint()
+    private_pg.stop()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError,
+                           match=r"A/B store postgresql\+psycopg2://postgres@127.0.0.1:\d+/"
+                                 r"faults_flow_away_\w+\?sslmode=disable did not answer for 2 s "
+                                 r"while reading A/B test m-.*; nothing was written\. Check that "
+                                 r"the database server is up .* run the call again"):
+            record_outcomes(test.test_id, path, "id", "y")
+        read_wait = time.monotonic() - started
+        dispose_engines()  # as in a process that starts now: its first open waits too
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError,
+                           match=r"cannot open the A/B store at postgresql\+psycopg2://.*: it did "
+                                 r"not answer for 2 s \(OperationalError: .*\); nothing was "
+                                 r"written\. Check that the database server is up"):
+            record_outcomes(test.test_id, path, "id", "y")
+        open_wait = time.monotonic() - started
+    finally:
+        private_pg.start()
+    try:
+        print(f"database away: the flow failed after {read_wait:.1f} s (read), "
+              f"{open_wait:.1f} s (first open)")
+        assert read_wait < 15 and open_wait < 15
+        assert ABStore(url).fingerprint() == before  # nothing half-written
+        assert record_outcomes(test.test_id, path, "id", "y").recorded == 1000  # and it is back
+    finally:
+        ABPolicy.delete(DEFAULT_DOCUMENT)

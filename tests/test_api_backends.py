@@ -6,6 +6,7 @@ import pytest
 
 from blocks.ab_policy import ABPolicy
 from blocks.mlflow_config import DEFAULT_DOCUMENT, MLflowConfig
+from tasks.ab import ABStore
 from tests.api_support import assert_error, api_world
 from tests.conftest import free_port
 
@@ -30,7 +31,9 @@ def test_mlflow_down_is_503_naming_mlflow(world, monkeypatch):
     assert_error(world.get("/models/customer_churn/versions"), 404, "ModelNotFoundError")
 
 
-def test_the_ab_database_down_is_503(world):
+def test_the_ab_database_down_is_503(world, monkeypatch):
+    # nothing listens on the port: the store's first open waits 1 s for it, not the default 30 s
+    monkeypatch.setattr(ABStore, "unavailable_seconds", 1.0)
     ABPolicy(database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/ab").save(
         DEFAULT_DOCUMENT, overwrite=True)
     try:
