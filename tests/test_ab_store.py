@@ -140,7 +140,9 @@ def test_a_batch_id_makes_a_retried_write_count_once(store):
     assert store.row_counts()["ab_predictions"] == 3
 
 
-def test_unusable_urls_are_clear_errors():
+def test_unusable_urls_are_clear_errors(monkeypatch):
+    # nothing listens on port 1: the first open waits as for a restarting server, briefly here
+    monkeypatch.setattr(ABStore, "unavailable_seconds", 1.0)
     with pytest.raises(StoreError, match="unsupported A/B store URL 'mysql://h/db'"):
         ABStore("mysql://h/db")
     with pytest.raises(StoreError, match=r"cannot open the A/B store at postgresql\+psycopg2://"

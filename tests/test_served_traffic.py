@@ -307,8 +307,11 @@ def test_a_failed_write_keeps_the_rows_for_the_next_one(state_dir):
     assert served_counts() == {"churn": 7} and sampler.written == 7
 
 
-def test_an_unreachable_store_is_refused_at_start(state_dir):
-    from tasks.ab import StoreError
+def test_an_unreachable_store_is_refused_at_start(state_dir, monkeypatch):
+    from tasks.ab import ABStore, StoreError
+
+    # nothing listens there: the first open waits as for a restarting server, briefly here
+    monkeypatch.setattr(ABStore, "unavailable_seconds", 1.0)
 
     try:
         from conftest import free_port
