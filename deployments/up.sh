@@ -235,7 +235,11 @@ if [ "$START_S3" = 1 ]; then
   fi
   start_service s3-server "$S3_PORT" "$PY" -m moto.server -H "$HOST" -p "$S3_PORT"
 fi
+# Concurrency leases (a retraining's hold on its model's one slot) in files under PREFECT_HOME
+# instead of the server's memory: with the default memory storage a server restart forgot every
+# lease while the limit still counted the slot as taken, so the model could never retrain again.
 PREFECT_SERVER_DATABASE_CONNECTION_URL="$PREFECT_DB" PREFECT_SERVER_LOGGING_LEVEL="$LOG_LEVEL" \
+PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="${PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE:-prefect.server.concurrency.lease_storage.filesystem}" \
   start_service prefect-server "$PREFECT_PORT" \
   "$PY" -m prefect server start --host "$HOST" --port "$PREFECT_PORT" --analytics-off
 

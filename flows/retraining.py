@@ -27,6 +27,7 @@ from flows.parameters import DataRef, data_flow
 from flows.training import train_model
 from tasks.alerts import dispatch, retraining_alert
 from tasks.events import emit_model_event
+from tasks.prefect_api import run_subflow
 from tasks.registry import (alias_map, clear_pending_approval, get_registered_model,
                             mark_pending_approval, mlflow_client, model_slug, validate_model_name)
 from tasks.retraining import (RetrainingInProgressError, active_ab_tests, data_drift, find_unseen,
@@ -165,7 +166,8 @@ def retrain_model(model_name: str, data: DataRef, target: str, reason: str = "ma
         logger.info("gate slice: %d of %d unseen rows (%s); challenger trains on %d rows",
                     plan.n_gate, plan.n_unseen, plan.how, plan.n_train)
         try:
-            trained = train_model(str(plan.train_path), target, model_name,
+            # a Prefect server restart while the search starts waits for the API, not fails
+            trained = run_subflow(train_model, str(plan.train_path), target, model_name,
                                   metric=champion.metric,
                                   time_budget_s=time_budget_s or settings.time_budget_s,
                                   max_trials=max_trials or settings.max_trials,
@@ -301,6 +303,8 @@ def retraining_check(model_name: str, trigger: Trigger = "schedule",
 
     Without labelled data configured for the model there is nothing to retrain on: the run
     reports the signals and what to configure, and ends Completed. An unknown model is an error.
+    A Prefect server restart as a subflow starts delays it until the API answers (up to 180 s,
+    tasks/prefect_api.py) instead of failing the run.
 
     Args:
         model_name: Registered model to check.
@@ -311,15 +315,15 @@ def retraining_check(model_name: str, trigger: Trigger = "schedule",
     settings = _policy(model_name, policy)
     problem = settings.labelled_data_problem(model_name, policy)
     if problem:
-        decision = should_retrain(model_name, policy=policy)
+        decision = run_subflow(should_retrain, model_name, policy=policy)
         get_run_logger().warning("%s: nothing to retrain on -- %s", model_name, problem)
         return decision
     data, target = settings.training_data, settings.target
-    decision = should_retrain(model_name, data, target, policy=policy)
+    decision = run_subflow(should_retrain, model_name, data, target, policy=policy)
     if not decision.should_retrain:
         return decision
-    return retrain_model(model_name, data, target, reason=decision.reason, trigger=trigger,
-                         policy=policy)
+    return run_subflow(retrain_model, model_name, data, target, reason=decision.reason,
+                       trigger=trigger, policy=policy)
 
 
 @flow(name="retraining-history", log_prints=True)

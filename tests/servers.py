@@ -260,3 +260,83 @@ class CommitAckCutter(_LoopbackProxy):
             pass
         finally:
             self._shut(client, server)
+
+
+class PrivatePrefectServer:
+    """A `prefect server start` of its own (its own PREFECT_HOME and SQLite database in a temporary
+    folder, a free loopback port), for tests that stop or restart the Prefect API: never the
+    session's shared test server. `restart()` keeps the port and the database, as a real restart
+    does. Only the API: no UI, no background services (nothing here needs them, and they slow a
+    start on a loaded machine)."""
+
+    def __init__(self, port: int | None = None, start_timeout_s: float = 90):
+        import socket
+        import tempfile
+
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.start_timeout_s = start_timeout_s
+        self.root = Path(tempfile.mkdtemp(prefix="mlops-private-prefect-"))
+        self.log = self.root / "server.log"
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(PREFECT_HOME=str(self.root / "home"),
+                   PREFECT_PROFILES_PATH=str(self.root / "home" / "profiles.toml"),
+                   PREFECT_SERVER_DATABASE_CONNECTION_URL=(
+                       f"sqlite+aiosqlite:///{self.root / 'prefect.db'}"),
+                   PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false",
+                   PREFECT_LOGGING_LEVEL="WARNING")
+        return env
+
+    def start(self) -> "PrivatePrefectServer":
+        import sys
+        import time
+        import urllib.request
+
+        if self.process is not None and self.process.poll() is None:
+            return self
+        with open(self.log, "a") as log:
+            log.write(f"--- start {self.starts + 1}\n")
+            log.flush()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--no-services", "--no-ui"],
+                env=self._env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.starts += 1
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prefect server start exited ({self.process.returncode}):\n"
+                                   f"{log_tail(self.log)}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"the private Prefect server on port {self.port} did not answer "
+                           f"/api/health within {self.start_timeout_s:.0f} s:\n{log_tail(self.log)}")
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group (SIGKILL after 20 s); the port is free after."""
+        if self.process is not None:
+            stop_process_group(self.process)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        import shutil
+
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
