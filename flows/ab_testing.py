@@ -19,6 +19,7 @@ from tasks.ab_tasks import (ABResults, ABTestInfo, OutcomeReport, ScoreResult, c
                             read_tests, record_outcome_rows, route_and_score,
                             save_final_results, validate_new_test, write_and_log)
 from tasks.events import emit_model_event
+from tasks.prefect_api import run_subflow
 from tasks.registry import validate_model_name
 from tasks.training import load_data
 
@@ -224,11 +225,13 @@ def ab_test_analysis(model_name: str | None = None,
             or keep_champion verdict (promoting a winning challenger).
     """
     out = []
-    for info in list_active_ab_tests(model_name):
-        results = ab_test_results(info.test_id)
+    # each subflow waits for a restarting Prefect API (tasks/prefect_api.py) instead of failing
+    # the hourly run
+    for info in run_subflow(list_active_ab_tests, model_name):
+        results = run_subflow(ab_test_results, info.test_id)
         if (conclude_when_decided and results.guardrails.passed
                 and results.recommendation in ("promote_challenger", "keep_champion")):
-            results = conclude_ab_test(info.test_id)
+            results = run_subflow(conclude_ab_test, info.test_id)
         out.append(results)
     return out
 
