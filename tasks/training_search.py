@@ -447,8 +447,9 @@ class Search:
     Trials are asked in fixed-size batches and told in trial order once the whole batch is back,
     and the pruner only compares with trials told before the batch, so a fixed `max_trials` and
     `random_state` give the same trials whatever order parallel trials finish in. The search
-    stops at `max_trials`, at `deadline` (budget-only runs), or once it has converged: the best
-    score reached the metric's optimum, or did not improve for `patience` trials."""
+    stops at `max_trials`, at `deadline` (budget-only runs; never before the first batch), or once
+    it has converged: the best score reached the metric's optimum, or did not improve for
+    `patience` trials."""
 
     def __init__(self, task: str, metric: str, families: list[str], random_state: int,
                  batch_size: int, max_trials: int | None, deadline: float | None,
@@ -538,7 +539,10 @@ class Search:
             return "converged"
         if self._best is not None and self._since_best >= self.patience:
             return "converged"
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        # the budget stops a search only once a batch has run: flow start-up, loading and
+        # preparing the data can outlast a short budget on a busy machine, and a search with
+        # no trial would leave the run without a model (each trial's first fold always runs)
+        if self.deadline is not None and self.results and time.monotonic() >= self.deadline:
             return "budget"
         return None
 

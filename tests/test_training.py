@@ -4,6 +4,7 @@ Tests whose subject is not the search pass a small max_trials (the search's firs
 the search's own tests at the end spend a time budget."""
 from __future__ import annotations
 
+import time
 
 import mlflow
 import numpy as np
@@ -18,6 +19,8 @@ from tasks.demo_data import churn_frame
 from tasks.errors import ConfigurationError
 from tasks.registry import alias_map, mlflow_client, read_alias_history
 from tasks.training import load_artifact_json
+from tasks.training_search import (Search, check_families, cross_validate, infer_schema,
+                                   prepare_features)
 
 FAST = dict(time_budget_s=10, candidates=["linear", "random_forest"], max_trials=2)
 
@@ -169,6 +172,23 @@ def test_a_budget_too_short_for_a_full_trial_still_yields_a_model(state_dir):
     best = result.leaderboard[0]
     assert best["status"] in ("complete", "deadline") and best["folds"] >= 1
     assert result.family == best["family"] and 0.5 < result.score <= 1.0
+
+
+def test_a_deadline_passed_before_the_search_began_still_runs_one_batch():
+    """Flow start-up and data preparation can outlast a short budget on a busy machine: the
+    search still runs its first batch (one fold each) and ranks it, then stops for the budget."""
+    frame = hard_binary(400)
+    schema = infer_schema(frame, "label", "binary")
+    X, y = prepare_features(frame, schema), frame["label"]
+    search = Search(schema.task, "roc_auc", check_families(None), random_state=0, batch_size=2,
+                    max_trials=None, deadline=time.monotonic() - 1.0)
+    batch = search.ask()
+    assert len(batch) == 2
+    search.tell([cross_validate(p.number, p.candidate, X, y, schema, "roc_auc", 5, 0,
+                                search.deadline, p.should_prune) for p in batch])
+    assert search.ask() == [] and search.stop_reason == "budget"
+    best = search.ranked()[0]
+    assert best.status == "deadline" and len(best.scores) == 1 and 0.5 < best.mean <= 1.0
 
 
 def test_a_converged_search_stops_early_and_says_so(state_dir):
