@@ -217,28 +217,41 @@ def test_a_crash_of_the_training_step_leaves_no_alias_and_no_version(base, model
 
 
 def test_two_retrainings_of_one_model_never_run_together(base, model):
-    save_policy(model)
-    data = base.labelled(model)
-    start = threading.Barrier(2)
-    outcomes: list[object] = []
+    # The first run holds the model's slot while it waits for a person's approval, so the two
+    # overlap for certain (two runs merely started together may not: on an idle machine the
+    # first can finish before the second reaches the slot).
+    save_policy(model, require_approval=True)
+    outcome, worker, paused = start_retraining_that_pauses(base, model)
+    try:
+        with pytest.raises(RetrainingInProgressError, match="another retraining of") as refused:
+            retrain_model(model, base.labelled(model), "churn")
+        assert "nothing was changed" in str(refused.value)
+        assert versions(model) == [1, 2]  # one challenger, not two
+    finally:  # never leave a paused run behind
+        resume_flow_run(paused.id, run_input={"approve": False, "reviewer": "ana", "note": ""})
+        worker.join(timeout=120)
+    [result] = outcome
+    assert isinstance(result, RetrainResult) and result.decision == "rejected_by_approver", result
+    assert [h.decision for h in retraining_history(model)] == ["rejected_by_approver"]
 
-    def run():
+    # Two holders arriving at the same moment: exactly one gets the slot, the other is refused.
+    start, outcomes = threading.Barrier(2), []
+
+    def hold():
         start.wait()
         try:
-            outcomes.append(retrain_model(model, data, "churn"))
-        except Exception as exc:  # collected and asserted below
-            outcomes.append(exc)
+            with retraining_slot(model):
+                time.sleep(5)  # longer than the two arrivals are apart, even under load
+            outcomes.append("held")
+        except RetrainingInProgressError:
+            outcomes.append("refused")
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads = [threading.Thread(target=hold) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=300)
-    refused = [o for o in outcomes if isinstance(o, RetrainingInProgressError)]
-    done = [o for o in outcomes if isinstance(o, RetrainResult)]
-    assert len(refused) == 1 and len(done) == 1, outcomes
-    assert "another retraining of" in str(refused[0]) and "nothing was changed" in str(refused[0])
-    assert versions(model) == [1, 2]  # one challenger, not two
+        t.join(timeout=60)
+    assert sorted(outcomes) == ["held", "refused"], outcomes
     with retraining_slot(model) as slot:  # the slot is free again afterwards
         assert slot.startswith("mlops-retraining-rt-")
 
