@@ -23,7 +23,8 @@ from tasks.errors import DataError
 from tasks.training_search import (PlannedTrial, Schema, Search, TrialResult, build_pipeline,
                                    check_families, cross_validate, evaluate_metrics, infer_schema,
                                    permutation_importance_by_column, prepare_features,
-                                   resolve_metric, row_fingerprints, greater_is_better)
+                                   refit_params, resolve_metric, row_fingerprints,
+                                   greater_is_better)
 
 N_FOLDS = 5
 HOLDOUT_SHARE = 0.2
@@ -274,12 +275,13 @@ def refit_and_log(data: TrainingData, best: TrialResult, model_name: str,
         measured, data.X_holdout.iloc[:importance_rows], data.y_holdout.iloc[:importance_rows],
         data.schema.task, random_state)
     all_X, all_y = pd.concat([data.X, data.X_holdout]), pd.concat([data.y, data.y_holdout])
-    model = build_pipeline(data.schema, best.candidate.family, best.candidate.params, random_state)
+    params = refit_params(best.candidate.family, best.candidate.params, measured)
+    model = build_pipeline(data.schema, best.candidate.family, params, random_state)
     model.fit(all_X, all_y)
     schema_json = json.dumps(data.schema.to_dict(), sort_keys=True, default=str)
     experiment_id = resolve_mlflow_config().ensure_experiment()
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{model_name}-{best.candidate.family}") as run:
-        mlflow.log_params({"family": best.candidate.family, **best.candidate.params,
+        mlflow.log_params({"family": best.candidate.family, **params,
                            "random_state": random_state, "n_train_rows": len(all_X)})
         mlflow.log_metrics({f"holdout_{k}": v for k, v in holdout.items()})
         mlflow.log_metrics({f"cv_{data.metric}": best.mean, "search_trials": search.trials,

@@ -73,6 +73,19 @@ def test_first_version_is_champion_with_everything_stored(state_dir, churn, tmp_
     assert set(model.predict(rows)) <= {"No", "Yes"}
 
 
+def test_a_boosting_winner_is_refit_on_every_row_with_the_iterations_early_stopping_chose(
+        state_dir, churn):
+    result = train_model(churn, "churn", "boosted", candidates=["hist_gradient_boosting"],
+                         max_trials=1)
+    params = mlflow_client().get_run(result.run_id).data.params
+    assert params["family"] == "hist_gradient_boosting" and params["n_train_rows"] == "1500"
+    # the measured fit (search rows) stopped early; the registered refit keeps its iterations
+    # and holds no validation fraction back from its 1,500 rows
+    boosting = mlflow.sklearn.load_model(result.model_uri).named_steps["model"]
+    assert params["early_stopping"] == "False" and boosting.early_stopping is False
+    assert 0 < boosting.max_iter == int(params["max_iter"]) == boosting.n_iter_ < 500
+
+
 def test_later_versions_become_challenger_or_nothing(state_dir, churn):
     first = train_model(churn, "churn", "customer_churn", **FAST)
     second = train_model(churn, "churn", "customer_churn", **FAST)
