@@ -1,10 +1,51 @@
 """Helpers for tests that run real servers as subprocesses (MLflow, moto's S3 server, …)."""
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
+import socket
 import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
 from pathlib import Path
+from typing import Callable
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (the caller's server binds it next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_answers(process: subprocess.Popen, answers: Callable[[], bool], timeout_s: float,
+                       log_path: Path, what: str, every_s: float = 0.25) -> None:
+    """Poll `answers()` (False or an OSError: not yet) until it is True. If the server exits
+    first or `timeout_s` passes, stop its process group and raise RuntimeError with its log's
+    tail, so a test that cannot start its server says why."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{what} exited with {process.returncode}:\n"
+                                   f"{log_tail(log_path)}")
+            try:
+                if answers():
+                    return
+            except OSError:  # refused, reset, timed out, an HTTP error status: not up yet
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not answer within {timeout_s:.0f} s:\n"
+                                   f"{log_tail(log_path)}")
+            time.sleep(every_s)
+    except BaseException:
+        stop_process_group(process)
+        raise
 
 
 def log_tail(path: Path, n: int = 40) -> str:
@@ -35,9 +76,6 @@ class _LoopbackProxy:
     target is down sees its connection drop (counted in `refused`), as it would without us."""
 
     def __init__(self, target_port: int):
-        import socket
-        import threading
-
         self.target_port = target_port
         self.refused = 0
         self._listener = socket.socket()
@@ -49,8 +87,6 @@ class _LoopbackProxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        import socket
-
         while not self._closed:
             try:
                 client, _ = self._listener.accept()
@@ -72,8 +108,6 @@ class _LoopbackProxy:
     def _shut(*sockets) -> None:
         """shutdown, not only close: a close does not wake the other direction's thread blocked
         in recv, and the peer would never see the connection end."""
-        import socket
-
         for s in sockets:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -102,8 +136,6 @@ class WatchingProxy(_LoopbackProxy):
         self.url = f"http://127.0.0.1:{self.port}"
 
     def _serve(self, client, upstream) -> None:
-        import threading
-
         threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
         threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
@@ -131,10 +163,6 @@ class PrivatePostgres:
     process, never the machine, so the operating system still holds every write."""
 
     def __init__(self, port: int):
-        import glob
-        import shutil
-        import tempfile
-
         found = shutil.which("pg_ctl")
         if found:
             self.bin = Path(found).parent
@@ -197,8 +225,6 @@ class PrivatePostgres:
         return self.url(name)
 
     def close(self) -> None:
-        import shutil
-
         if (self.data / "postmaster.pid").exists():
             try:
                 self.stop("immediate")
@@ -218,8 +244,6 @@ class CommitAckCutter(_LoopbackProxy):
     COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"  # protocol 3 simple query "COMMIT"
 
     def __init__(self, target_port: int, on_cut=None):
-        import threading
-
         self.on_cut = on_cut or (lambda: None)
         self.armed = threading.Event()
         self.cuts = 0
@@ -229,8 +253,6 @@ class CommitAckCutter(_LoopbackProxy):
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{database}?sslmode=disable"
 
     def _serve(self, client, upstream) -> None:
-        import threading
-
         state = {"commit_sent": False}
         threading.Thread(target=self._up, args=(client, upstream, state), daemon=True).start()
         threading.Thread(target=self._down, args=(upstream, client, state), daemon=True).start()
@@ -270,15 +292,8 @@ class PrivatePrefectServer:
     start on a loaded machine)."""
 
     def __init__(self, port: int | None = None, start_timeout_s: float = 90):
-        import socket
-        import tempfile
-
-        if port is None:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}/api"
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
         self.start_timeout_s = start_timeout_s
         self.root = Path(tempfile.mkdtemp(prefix="mlops-private-prefect-"))
         self.log = self.root / "server.log"
@@ -296,10 +311,6 @@ class PrivatePrefectServer:
         return env
 
     def start(self) -> "PrivatePrefectServer":
-        import sys
-        import time
-        import urllib.request
-
         if self.process is not None and self.process.poll() is None:
             return self
         with open(self.log, "a") as log:
@@ -310,21 +321,15 @@ class PrivatePrefectServer:
                  "--port", str(self.port), "--no-services", "--no-ui"],
                 env=self._env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.starts += 1
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"prefect server start exited ({self.process.returncode}):\n"
-                                   f"{log_tail(self.log)}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"the private Prefect server on port {self.port} did not answer "
-                           f"/api/health within {self.start_timeout_s:.0f} s:\n{log_tail(self.log)}")
+
+        def healthy() -> bool:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                return answer.status == 200
+
+        wait_until_answers(self.process, healthy, self.start_timeout_s, self.log,
+                           f"the private Prefect server on port {self.port} (/api/health)",
+                           every_s=0.3)
+        return self
 
     def stop(self) -> None:
         """SIGTERM to the server's process group (SIGKILL after 20 s); the port is free after."""
@@ -336,7 +341,5 @@ class PrivatePrefectServer:
         self.start()
 
     def close(self) -> None:
-        import shutil
-
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -20,10 +20,7 @@ from tasks.ab import (ABStore, ABTestClosedError, ABTestNotFoundError, ActiveTes
                       StoreError, dispose_engines, open_store)
 from tasks.ab_tasks import analyse, read_results, series
 
-try:
-    from conftest import fresh_postgres_database
-except ImportError:  # pragma: no cover
-    from tests.conftest import fresh_postgres_database
+from tests.conftest import fresh_postgres_database
 
 _PG_KEY = pytest.StashKey[dict]()
 

@@ -27,11 +27,7 @@ from flows.ab_testing import record_outcomes
 from tasks.ab import ABStore, StoreUnavailableError, dispose_engines
 from tasks.prediction_log import PredictionLog
 
-try:
-    from conftest import free_port
-except ImportError:  # pragma: no cover
-    from tests.conftest import free_port
-from tests.servers import CommitAckCutter, PrivatePostgres
+from tests.servers import CommitAckCutter, PrivatePostgres, free_port
 
 pytestmark = pytest.mark.postgres
 

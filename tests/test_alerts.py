@@ -34,10 +34,7 @@ from tasks.alerts import (Alert, AlertDeliveryError, dispatch, drift_alert, perf
                           redact, send_slack)
 from tasks.demo_data import churn_frame
 
-try:  # tests/ is a rootdir-relative folder unless someone adds tests/__init__.py
-    from conftest import free_port
-except ImportError:  # pragma: no cover - with tests/__init__.py
-    from tests.conftest import free_port
+from tests.servers import free_port
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Requiring AUTH while not requiring TLS:UserWarning")  # loopback SMTP without TLS

@@ -8,7 +8,7 @@ from blocks.ab_policy import ABPolicy
 from blocks.mlflow_config import DEFAULT_DOCUMENT, MLflowConfig
 from tasks.ab import ABStore
 from tests.api_support import assert_error, api_world
-from tests.conftest import free_port
+from tests.servers import free_port
 
 
 @pytest.fixture(scope="module")

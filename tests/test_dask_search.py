@@ -14,7 +14,7 @@ from flows.training import train_model
 from tasks.demo_data import churn_frame
 from tasks.errors import ConfigurationError
 from tasks.registry import mlflow_client
-from tests.conftest import free_port
+from tests.servers import free_port
 
 SEARCH = dict(max_trials=6, random_state=7, time_budget_s=60)
 

@@ -32,10 +32,7 @@ from tasks.drift_metrics import DriftInputError
 from tasks.errors import ConfigurationError, DataError, ModelNotFoundError, VersionNotFoundError
 from tasks.registry import mlflow_client
 
-try:  # tests/ is a rootdir-relative folder unless someone adds tests/__init__.py
-    from conftest import free_port
-except ImportError:  # pragma: no cover - with tests/__init__.py
-    from tests.conftest import free_port
+from tests.servers import free_port
 
 MODEL = "churn_drift"
 FAST = dict(time_budget_s=5, candidates=["linear"], max_trials=1)

@@ -32,10 +32,7 @@ from tasks.export.base import ExportError
 from tasks.export.steps import read_manifest
 from tasks.registry import mlflow_client
 
-try:  # tests/ is a rootdir-relative folder unless someone adds tests/__init__.py
-    from conftest import free_port
-except ImportError:  # pragma: no cover - with tests/__init__.py
-    from tests.conftest import free_port
+from tests.servers import free_port
 
 FAST = dict(time_budget_s=5, max_trials=1)
 

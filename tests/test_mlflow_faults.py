@@ -21,8 +21,7 @@ from flows.training import train_model
 from tasks.demo_data import churn_frame
 from tasks.errors import RegistryError
 from tasks.registry import REGISTRATION_TAG
-from tests.conftest import free_port
-from tests.servers import WatchingProxy, stop_process_group
+from tests.servers import WatchingProxy, free_port, stop_process_group
 from tests.test_mlflow_server import start_mlflow_server
 
 FAST = dict(time_budget_s=8, candidates=["linear"], max_trials=1)

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -32,8 +31,8 @@ from flows.registry import compare_versions, list_versions, promote_model, rollb
 from flows.training import train_model
 from tasks.demo_data import churn_frame
 
-from tests.conftest import free_port, require_postgres
-from tests.servers import log_tail, stop_process_group
+from tests.conftest import require_postgres
+from tests.servers import free_port, stop_process_group, wait_until_answers
 
 FAST = dict(time_budget_s=8, candidates=["linear", "random_forest"], max_trials=2)
 SERVER_START_TIMEOUT_S = 180  # cold start is ~15 s idle here, much more on a loaded 2-CPU box
@@ -78,26 +77,14 @@ def start_mlflow_server(backend_uri: str, backend: str, workdir: Path,
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    cwd=workdir, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    try:
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"mlflow server ({backend}) exited with {process.returncode}:\n"
-                                   f"{log_tail(log_path)}")
-            try:
-                # /health is exempt from the Host check; the API is not, so ask it too
-                if (_get(f"{url}/health")[0] == 200 and
-                        _get(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")[0] == 200):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server ({backend}) did not answer within "
-                                   f"{SERVER_START_TIMEOUT_S}s:\n{log_tail(log_path)}")
-            time.sleep(0.25)
-    except BaseException:
-        stop_process_group(process)
-        raise
+
+    def answers() -> bool:
+        # /health is exempt from the Host check; the API is not, so ask it too
+        return (_get(f"{url}/health")[0] == 200 and
+                _get(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")[0] == 200)
+
+    wait_until_answers(process, answers, SERVER_START_TIMEOUT_S, log_path,
+                       f"mlflow server ({backend})")
     return MlflowServer(url=url, backend=backend, artifacts_dir=artifacts, log_path=log_path,
                         process=process)
 

@@ -26,10 +26,7 @@ from tasks.metric_sources import read_monitoring_snapshot
 from tasks.registry import mlflow_client
 from tasks.served_traffic import ServedTrafficSampler
 
-try:
-    from conftest import free_port
-except ImportError:  # pragma: no cover - with tests/__init__.py
-    from tests.conftest import free_port
+from tests.servers import free_port
 
 CLS, REG = "loop_churn", "loop_charges"
 FAST = dict(time_budget_s=4, candidates=["linear"], max_trials=1)

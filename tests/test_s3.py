@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -28,8 +27,7 @@ from tasks.data import frame_sha256, load_table
 from tasks.demo_data import churn_frame
 from tasks.errors import DataError
 from tasks.registry import mlflow_client
-from tests.conftest import free_port
-from tests.servers import log_tail, stop_process_group
+from tests.servers import free_port, stop_process_group, wait_until_answers
 
 FAST = dict(time_budget_s=8, candidates=["linear", "random_forest"], max_trials=2)
 SERVER_START_TIMEOUT_S = 60
@@ -55,22 +53,14 @@ def start_moto(workdir: Path) -> tuple[subprocess.Popen, str]:
                                    stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
                                    start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {process.returncode}:\n"
-                               f"{log_tail(log_path)}")
-        try:
-            with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2) as r:
-                if r.status == 200:
-                    return process, endpoint
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            stop_process_group(process)
-            raise RuntimeError(f"moto_server did not answer within {SERVER_START_TIMEOUT_S}s:"
-                               f"\n{log_tail(log_path)}")
-        time.sleep(0.2)
+
+    def answers() -> bool:
+        with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2) as r:
+            return r.status == 200
+
+    wait_until_answers(process, answers, SERVER_START_TIMEOUT_S, log_path, "moto_server",
+                       every_s=0.2)
+    return process, endpoint
 
 
 @pytest.fixture(scope="session")

@@ -313,10 +313,7 @@ def test_an_unreachable_store_is_refused_at_start(state_dir, monkeypatch):
     # nothing listens there: the first open waits as for a restarting server, briefly here
     monkeypatch.setattr(ABStore, "unavailable_seconds", 1.0)
 
-    try:
-        from conftest import free_port
-    except ImportError:  # pragma: no cover - with tests/__init__.py
-        from tests.conftest import free_port
+    from tests.servers import free_port
     with pytest.raises(StoreError, match="cannot open the A/B store"):
         ServedTrafficSampler(0.5, url=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
 
@@ -344,10 +341,7 @@ def test_service_workers_starting_together_on_a_fresh_postgres_store_all_start(t
     import subprocess
     import sys
 
-    try:
-        from conftest import fresh_postgres_database
-    except ImportError:  # pragma: no cover - with tests/__init__.py
-        from tests.conftest import fresh_postgres_database
+    from tests.conftest import fresh_postgres_database
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]

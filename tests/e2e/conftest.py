@@ -25,7 +25,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import free_port, require_postgres
+from tests.conftest import require_postgres
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 480      # up.sh itself waits at most MLOPS_START_TIMEOUT for each service; the

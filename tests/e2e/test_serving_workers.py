@@ -25,7 +25,7 @@ from flows.training import train_model
 from tasks.ab import open_store, predictions_table
 from tasks.demo_data import churn_frame
 from tests.api_support import FAST
-from tests.conftest import free_port
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTED, MOVED = "serve_ab", "serve_move"
