@@ -19,7 +19,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 import tasks.prefect_api as prefect_api
 from tasks.prefect_api import PrefectApiUnavailableError, run_subflow
-from tests.servers import PrivatePrefectServer, log_tail
+from tests.servers import PrivatePrefectServer, free_port, log_tail
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_a_subflow_called_while_the_server_restarts_runs_once_when_it_is_back(on
 
 def test_an_error_from_the_subflow_body_is_raised_not_retried(on_server):
     ran: list[int] = []
-    dead = f"http://127.0.0.1:{_closed_port()}/"
+    dead = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
 
     @flow(name="f5-failing-child")
     def child() -> None:
@@ -128,11 +128,3 @@ def test_an_api_that_stays_away_ends_in_an_error_that_says_what_to_do(on_server,
     assert "nothing of it ran" in message and "make up" in message, message
     assert isinstance(raised.value.__cause__, httpx.ConnectError)
     assert ran == [] and 4 <= waited < 20, waited
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
