@@ -21,10 +21,10 @@ from blocks.mlflow_config import resolve_mlflow_config
 from tasks.data import LoadedData, load_table, validate_training_frame
 from tasks.errors import DataError
 from tasks.training_search import (PlannedTrial, Schema, Search, TrialResult, build_pipeline,
-                                   check_families, cross_validate, evaluate_metrics, infer_schema,
+                                   check_families, cross_validate, cv_repeats, evaluate_metrics,
+                                   fit_reproducibly, greater_is_better, infer_schema,
                                    permutation_importance_by_column, prepare_features,
-                                   refit_params, resolve_metric, row_fingerprints,
-                                   greater_is_better)
+                                   refit_params, resolve_metric, row_fingerprints)
 
 N_FOLDS = 5
 HOLDOUT_SHARE = 0.2
@@ -107,6 +107,10 @@ class TrialData:
     schema: Schema
     metric: str
 
+    @property
+    def cv_repeats(self) -> int:
+        return cv_repeats(len(self.X))
+
 
 @task(name="load-data", cache_policy=NO_CACHE)
 def load_data(data) -> LoadedData:
@@ -151,7 +155,8 @@ def evaluate_trial(planned: PlannedTrial, data: TrialData, random_state: int,
     another machine, where the flow's monotonic clock means nothing."""
     deadline = None if deadline_epoch is None else time.monotonic() + (deadline_epoch - time.time())
     result = cross_validate(planned.number, planned.candidate, data.X, data.y, data.schema,
-                            data.metric, N_FOLDS, random_state, deadline, planned.should_prune)
+                            data.metric, N_FOLDS, random_state, deadline, planned.should_prune,
+                            data.cv_repeats)
     result.worker = where_running()
     return result
 
@@ -268,7 +273,7 @@ def refit_and_log(data: TrainingData, best: TrialResult, model_name: str,
 
     measured = build_pipeline(data.schema, best.candidate.family, best.candidate.params,
                               random_state)
-    measured.fit(data.X, data.y)
+    fit_reproducibly(measured, data.X, data.y)
     holdout = evaluate_metrics(measured, data.X_holdout, data.y_holdout, data.schema.task)
     importance_rows = min(len(data.X_holdout), IMPORTANCE_ROWS)
     importances = permutation_importance_by_column(
@@ -277,7 +282,7 @@ def refit_and_log(data: TrainingData, best: TrialResult, model_name: str,
     all_X, all_y = pd.concat([data.X, data.X_holdout]), pd.concat([data.y, data.y_holdout])
     params = refit_params(best.candidate.family, best.candidate.params, measured)
     model = build_pipeline(data.schema, best.candidate.family, params, random_state)
-    model.fit(all_X, all_y)
+    fit_reproducibly(model, all_X, all_y)
     schema_json = json.dumps(data.schema.to_dict(), sort_keys=True, default=str)
     experiment_id = resolve_mlflow_config().ensure_experiment()
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{model_name}-{best.candidate.family}") as run:

@@ -5,6 +5,7 @@ the search's own tests at the end spend a time budget."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import numpy as np
@@ -19,8 +20,10 @@ from tasks.demo_data import churn_frame
 from tasks.errors import ConfigurationError
 from tasks.registry import alias_map, mlflow_client, read_alias_history
 from tasks.training import load_artifact_json
-from tasks.training_search import (Search, check_families, cross_validate, infer_schema,
-                                   prepare_features)
+from tasks.training import HOLDOUT_SHARE, N_FOLDS
+from tasks.training_search import (Candidate, Search, TrialResult, check_families, cross_validate,
+                                   cv_repeats, infer_schema, prepare_features,
+                                   starting_candidates)
 
 FAST = dict(time_budget_s=10, candidates=["linear", "random_forest"], max_trials=2)
 
@@ -204,6 +207,61 @@ def test_a_deadline_passed_before_the_search_began_still_runs_one_batch():
     assert best.status == "deadline" and len(best.scores) == 1 and 0.5 < best.mean <= 1.0
 
 
+def test_small_data_is_cross_validated_in_repeated_passes():
+    """A score on a few hundred rows is too noisy to rank configurations by: k-fold runs again
+    with new shuffles until 3,000 held-out predictions back each score (at most 3 passes)."""
+    assert [cv_repeats(n) for n in (100, 952, 1499, 1500, 2999, 3000, 500_000)] == [3, 3, 3, 2, 2, 1, 1]
+    frame = hard_binary(400)
+    schema = infer_schema(frame, "label", "binary")
+    X, y = prepare_features(frame, schema), frame["label"]
+    [linear] = starting_candidates("binary", ["linear"])
+    once = cross_validate(0, linear, X, y, schema, "roc_auc", 5, 0, None)
+    thrice = cross_validate(0, linear, X, y, schema, "roc_auc", 5, 0, None, repeats=3)
+    assert len(once.scores) == 5 and len(thrice.scores) == 15 and thrice.status == "complete"
+    assert thrice.scores[5:10] != thrice.scores[:5]  # each pass has its own shuffle
+
+
+def test_an_l1_trial_scores_the_same_alone_and_beside_another_on_threads(churn):
+    """liblinear's random state is one per process: side by side, two L1 fits used to perturb
+    each other, so a fixed max_trials gave slightly different scores from run to run."""
+    frame = churn.iloc[:640]
+    schema = infer_schema(frame, "churn", "binary")
+    X, y = prepare_features(frame, schema), frame["churn"]
+    first = Candidate("linear", {"C": 1.936, "penalty": "l1", "class_weight": None})
+    other = Candidate("linear", {"C": 0.3, "penalty": "l1", "class_weight": "balanced"})
+
+    def score(candidate):
+        return cross_validate(0, candidate, X, y, schema, "roc_auc", 5, 7, None, repeats=3).scores
+
+    alone = score(first)
+    for _ in range(3):
+        with ThreadPoolExecutor(2) as pool:
+            beside = pool.submit(score, first)
+            pool.submit(score, other)
+            assert beside.result() == alone
+
+
+def test_pruning_compares_a_trial_with_its_own_family_only():
+    """Cheap linear trials that score well must not prune the forests' trials: a family is
+    pruned against its own completed trials, once it has 4 of them."""
+    search = Search("binary", "roc_auc", ["linear", "random_forest"], random_state=0,
+                    batch_size=1, max_trials=None, deadline=None, patience=1000)
+    score = {"linear": 0.9, "random_forest": 0.7}
+    rules: dict[str, list] = {"linear": [], "random_forest": []}  # in the order they were asked
+    while min(len(r) for r in rules.values()) < 6:
+        [planned] = search.ask()
+        family = planned.candidate.family
+        rules[family].append(planned.should_prune)
+        search.tell([TrialResult(planned.number, planned.candidate, "roc_auc",
+                                 [score[family]] * 5)])
+    for family, median in score.items():
+        # before the family has 4 completed trials nothing of it is pruned, however low ...
+        assert not any(rule(0, [0.1]) for rule in rules[family][:4])
+        # ... then a trial is judged against its family's median, not the best family's
+        for rule in rules[family][4:]:
+            assert rule(0, [median - 0.05]) and not rule(0, [median + 0.01])
+
+
 def test_a_converged_search_stops_early_and_says_so(state_dir):
     rng = np.random.default_rng(0)
     x = rng.normal(size=300)
@@ -218,10 +276,11 @@ def test_a_converged_search_stops_early_and_says_so(state_dir):
 
 
 def test_max_trials_gives_the_same_model_twice_and_records_pruned_trials(state_dir, churn):
-    runs = [train_model(churn.iloc[:800], "churn", "twice", max_trials=10, random_state=7)
+    runs = [train_model(churn.iloc[:800], "churn", "twice", max_trials=12, random_state=7,
+                        candidates=["linear", "hist_gradient_boosting"])
             for _ in range(2)]
     first, second = runs
-    assert first.search.trials == second.search.trials == 10
+    assert first.search.trials == second.search.trials == 12
     assert first.search.stop_reason == "max_trials"
     key = [(r["trial"], r["candidate"], r["status"], r["roc_auc"]) for r in first.leaderboard]
     assert key == [(r["trial"], r["candidate"], r["status"], r["roc_auc"]) for r in second.leaderboard]
@@ -230,7 +289,8 @@ def test_max_trials_gives_the_same_model_twice_and_records_pruned_trials(state_d
 
     # bad trials were pruned on early folds, and are recorded so (not as complete ones)
     pruned = [r for r in first.leaderboard if r["status"] == "pruned"]
-    assert pruned and all(1 <= r["folds"] < 5 for r in pruned)
+    all_folds = N_FOLDS * cv_repeats(round(800 * (1 - HOLDOUT_SHARE)))
+    assert pruned and all(1 <= r["folds"] < all_folds for r in pruned)
     assert first.search.pruned == len(pruned)
     history = load_artifact_json(first.run_id, "trials.json")
     statuses = dict(zip(history["columns"], zip(*history["data"])))["status"]
