@@ -9,8 +9,10 @@ Each data set is split once, half for training and half held out (stratified for
 budget and is scored on the same held-out half:
 
 * baseline: logistic regression (classes) or ridge (regression) in train_model's preprocessing;
-* ours: ``train_model(train, target, ..., time_budget_s=budget, metric=...)`` (embedded Prefect
-  and MLflow), the registered model scored on the held-out half;
+* ours: ``train_model(train, target, ..., time_budget_s=budget, random_state=seed, metric=...)``
+  (embedded Prefect and MLflow), the registered model scored on the held-out half, over the same
+  seeds as FLAML (a budget-only search varies run to run too: how far it gets depends on the
+  machine's speed at that moment): medians;
 * FLAML 2.7 ``AutoML.fit(time_budget=budget)``, in its own virtualenv (``.venv-flaml``, see
   bench/requirements-training.txt; it needs pandas < 3 and brings LightGBM/XGBoost), with all
   its default learners and with the learners we can export only (rf, extra_tree, histgb, and
@@ -129,7 +131,7 @@ def run_baseline(folder: Path, info: dict) -> dict:
     return {"score": score, "seconds": time.monotonic() - started}
 
 
-def run_ours(folder: Path, info: dict, budget: float, home: Path) -> dict:
+def run_ours(folder: Path, info: dict, budget: float, seed: int, home: Path) -> dict:
     import mlflow
     import pandas as pd
 
@@ -143,7 +145,7 @@ def run_ours(folder: Path, info: dict, budget: float, home: Path) -> dict:
     target, task = info["target"], info["task"]
     started = time.monotonic()
     result = train_model(train, target, f"bench_{info['name']}", task=task, metric=METRIC[task],
-                         time_budget_s=budget, promote="always")
+                         time_budget_s=budget, random_state=seed, promote="always")
     seconds = time.monotonic() - started
     model = mlflow.sklearn.load_model(result.model_uri)
     schema = Schema.from_dict(load_artifact_json(result.run_id, "schema.json"))
@@ -213,7 +215,7 @@ def table(rows: list[dict], budget: float) -> list[str]:
     head = (f"{'data set':<10}{'task':<11}{'rows':>6}{'metric':>9}{'baseline':>11}{'ours':>11}"
             f"{'FLAML-exp':>11}{'FLAML-all':>11}{'ours-exp':>10}{'ours-all':>10}  goal   "
             "ours: family, trials, stop")
-    out = [f"holdout scores at {budget:g} s (FLAML: median of its seeds; distances: positive = "
+    out = [f"holdout scores at {budget:g} s (ours and FLAML: medians over the seeds; distances: positive = "
            "ours better; RMSE distances relative)", head, "-" * len(head)]
     met = 0
     for r in rows:
@@ -228,6 +230,7 @@ def table(rows: list[dict], budget: float) -> list[str]:
                    f"{'-' if ok is None else ('yes' if ok else 'NO '):<6} "
                    f"{r['family']}, {r['trials']}, {r['stop']}")
     for r in rows:
+        out.append(f"  {r['name']}: ours seeds {' '.join(fmt(x, r['metric']) for x in r['ours_seeds'])}")
         if r["flaml_exp"] or r["flaml_all"]:
             out.append(f"  {r['name']}: FLAML-exp seeds {' '.join(fmt(x, r['metric']) for x in r['flaml_exp'])}"
                        f" ({', '.join(r['flaml_exp_learners'])}); FLAML-all seeds "
@@ -285,12 +288,18 @@ def main() -> None:
             row = {**info, "metric": METRIC[info["task"]], "flaml_exp": [], "flaml_all": [],
                    "flaml_exp_learners": [], "flaml_all_learners": []}
             row["baseline"] = run_baseline(folder, info)["score"]
-            ours = run_ours(folder, info, args.budget, Path(tmp) / "state")
-            row.update(ours=ours["score"], family=ours["family"], trials=ours["trials"],
-                       stop=ours["stop"], ours_s=ours["seconds"], search_s=ours["search_s"])
-            print(f"{name}: baseline {row['baseline']:.4f}, ours {ours['score']:.4f} "
-                  f"({ours['family']}, {ours['trials']} trials, {ours['stop']}, "
-                  f"{ours['seconds']:.0f} s, of which searching {ours['search_s']:.0f} s)",
+            runs = []
+            for seed in args.seeds:  # a budget-only search varies run to run too
+                ours = run_ours(folder, info, args.budget, seed, Path(tmp) / "state")
+                runs.append(ours)
+                print(f"{name}: ours seed {seed}: {ours['score']:.4f} ({ours['family']}, "
+                      f"{ours['trials']} trials, {ours['stop']}, {ours['seconds']:.0f} s, of "
+                      f"which searching {ours['search_s']:.0f} s)", flush=True)
+            mid = sorted(runs, key=lambda r: r["score"])[len(runs) // 2]
+            row.update(ours=statistics.median(r["score"] for r in runs),
+                       ours_seeds=[r["score"] for r in runs], family=mid["family"],
+                       trials=mid["trials"], stop=mid["stop"])
+            print(f"{name}: baseline {row['baseline']:.4f}, ours median {row['ours']:.4f}",
                   flush=True)
             if name in reused:  # FLAML's scores from an earlier run's --out (not re-measured)
                 row.update({k: reused[name][k] for k in ("flaml_exp", "flaml_all",
