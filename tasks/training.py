@@ -109,7 +109,7 @@ class TrialData:
 
     @property
     def cv_repeats(self) -> int:
-        return cv_repeats(len(self.X))
+        return cv_repeats(len(self.X), self.schema.encoded_columns)
 
 
 @task(name="load-data", cache_policy=NO_CACHE)

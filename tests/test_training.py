@@ -209,8 +209,11 @@ def test_a_deadline_passed_before_the_search_began_still_runs_one_batch():
 
 def test_small_data_is_cross_validated_in_repeated_passes():
     """A score on a few hundred rows is too noisy to rank configurations by: k-fold runs again
-    with new shuffles until 3,000 held-out predictions back each score (at most 3 passes)."""
-    assert [cv_repeats(n) for n in (100, 952, 1499, 1500, 2999, 3000, 500_000)] == [3, 3, 3, 2, 2, 1, 1]
+    with new shuffles until 3,000 held-out predictions back each score (at most 3 passes) ..."""
+    assert [cv_repeats(n, 10) for n in (100, 952, 1499, 1500, 2999, 3000, 500_000)] == [3, 3, 3, 2, 2, 1, 1]
+    # ... where fits are cheap: a small but wide table (ames: 1,172 rows, 312 one-hot columns)
+    # gets one pass, more trials being worth more there than a steadier score
+    assert cv_repeats(952, 20) == 3 and cv_repeats(1172, 312) == 1
     frame = hard_binary(400)
     schema = infer_schema(frame, "label", "binary")
     X, y = prepare_features(frame, schema), frame["label"]
@@ -289,7 +292,8 @@ def test_max_trials_gives_the_same_model_twice_and_records_pruned_trials(state_d
 
     # bad trials were pruned on early folds, and are recorded so (not as complete ones)
     pruned = [r for r in first.leaderboard if r["status"] == "pruned"]
-    all_folds = N_FOLDS * cv_repeats(round(800 * (1 - HOLDOUT_SHARE)))
+    width = infer_schema(churn.iloc[:800], "churn", "binary").encoded_columns
+    all_folds = N_FOLDS * cv_repeats(round(800 * (1 - HOLDOUT_SHARE)), width)
     assert pruned and all(1 <= r["folds"] < all_folds for r in pruned)
     assert first.search.pruned == len(pruned)
     history = load_artifact_json(first.run_id, "trials.json")
