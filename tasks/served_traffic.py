@@ -35,7 +35,6 @@ import orjson
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from tasks.errors import ConfigurationError, DataError
 
