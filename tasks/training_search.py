@@ -392,10 +392,9 @@ def cross_validate(number: int, candidate: Candidate, X: pd.DataFrame, y: pd.Ser
                    schema: Schema, metric: str, n_folds: int, random_state: int,
                    deadline: float | None, should_prune=None, repeats: int = 1) -> TrialResult:
     """k-fold scores of one configuration (`repeats` passes, see `cv_repeats`). After each fold
-    but the last, `should_prune(fold,
-    running means so far)` may stop a bad trial (status pruned); past `deadline` (a
-    time.monotonic() value of this process) it stops between folds, after the first (status
-    deadline)."""
+    but the last, `should_prune(fold, running means so far)` may stop a bad trial (status
+    pruned); past `deadline` (a time.monotonic() value of this process) it stops between folds,
+    after the first (status deadline)."""
     # trials run side by side, one per core: one OpenMP thread each (HistGradientBoosting's
     # default of all cores per trial oversubscribes the machine; the limit is per thread)
     with threadpool_limits(limits=1, user_api="openmp"):
@@ -486,6 +485,7 @@ class MedianRule:
         if median is None or np.isnan(median):
             return False
         return bool(best < median) if self.maximize else bool(best > median)
+
 
 @dataclass
 class PlannedTrial:
