@@ -408,7 +408,7 @@ def _cross_validate(number, candidate, X, y, schema, metric, n_folds, random_sta
     started = time.monotonic()
     needs_proba = METRICS[metric][1]
     splitter = folds(schema.task, n_folds, random_state, repeats)
-    last = n_folds * repeats - 1
+    last = splitter.get_n_splits() - 1
     for step, (train_idx, test_idx) in enumerate(splitter.split(X, y)):
         if step > 0 and deadline is not None and time.monotonic() > deadline:
             result.status = "deadline"  # (the first fold always runs: every trial has a score)
