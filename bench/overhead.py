@@ -40,13 +40,17 @@ def plain_train(path: Path, promote: str) -> int:
     """train_model's recipe with every task called as a plain function."""
     loaded = training.load_data.fn(str(path))
     data = training.prepare_training_data.fn(loaded, TARGET, "auto", None, 0)
-    search = training.start_search(data, None, 0, MAX_TRIALS, None)
-    with ThreadPoolExecutor(max_workers=training.cpu_workers()) as pool:
+    width = training.cpu_workers()
+    search = training.start_search(data, None, 0, MAX_TRIALS, None, width)
+    trial_data = data.for_trials()
+    with ThreadPoolExecutor(max_workers=width) as pool:
         while batch := search.ask():
-            search.tell(list(pool.map(lambda t: training.evaluate_trial.fn(t, data, 0, None), batch)))
+            search.tell(list(pool.map(lambda t: training.evaluate_trial.fn(t, trial_data, 0, None),
+                                      batch)))
     summary = training.summarize_search(search, None)
-    rows = [training.trial_row(r) for r in search.ranked()]
-    logged = training.refit_and_log.fn(data, search.ranked()[0], MODEL, 0, rows, summary)
+    choice = training.choose_family.fn(data, search.ranked(), 0)
+    rows = [training.trial_row(r, choice) for r in search.ranked()]
+    logged = training.refit_and_log.fn(data, choice.chosen, MODEL, 0, rows, summary)
     version = registry.register_version.fn(MODEL, logged.model_uri, logged.run_id, "bench", {},
                                             {}, logged.input_schema)
     alias = initial_alias(promote, "champion" in registry.alias_map(registry.mlflow_client(), MODEL))

@@ -1,5 +1,5 @@
-"""train_model: load → validate → search (one task per trial) → refit and log → register →
-set aliases: the MLOps deployment guide's `orchestrator.fit(X, y, register_best_model=True,
+"""train_model: load → validate → search (one task per trial) → choose the family → refit and
+log → register → set aliases: the MLOps deployment guide's `orchestrator.fit(X, y, register_best_model=True,
 model_name=…)`."""
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from tasks.errors import ConfigurationError, DataError
 from tasks.registry import (alias_map, complete_registration, mlflow_client, model_slug,
                             promote_alias, register_version, registration_failed,
                             validate_model_name)
-from tasks.training import (TrainResult, cpu_workers, load_data, prepare_training_data,
-                            refit_and_log, start_search, summarize_search, trial_row)
+from tasks.training import (TrainResult, choose_family, cpu_workers, load_data,
+                            prepare_training_data, refit_and_log, start_search, summarize_search,
+                            trial_row)
 from tasks.training_search import check_families
 from tasks.trial_runner import trial_runner
 
@@ -86,24 +87,25 @@ def train_model(
     loaded = load_data(data)
     prepared = prepare_training_data(loaded, target, task, metric, random_state)
 
-    # The search: batches of trials as Prefect tasks (on threads, or on the Dask cluster the
-    # TrainingSettings block names), told to the study in trial order.
+    # The search: trials as Prefect tasks, on threads or on the Dask cluster the
+    # TrainingSettings block names (tasks/trial_runner.py).
     budget_s = None if max_trials else time_budget_s * SEARCH_SHARE
     deadline = None if budget_s is None else started + budget_s
     with trial_runner(resolve_training_settings(), prepared.for_trials()) as trials:
         search = start_search(prepared, candidates, random_state, max_trials, deadline, trials.width)
-        while batch := search.ask():
-            search.tell([f.result() for f in [trials.submit(t, random_state, deadline) for t in batch]])
+        trials.run(search, random_state, deadline)
     summary = summarize_search(search, budget_s)
     ranked = search.ranked()
     if not ranked or ranked[0].mean is None or ranked[0].status not in ("complete", "deadline"):
         errors = "; ".join(f"{r.candidate.label}: {r.error or r.status}" for r in search.results)
         raise DataError(f"no configuration could be cross-validated ({errors}); raise "
                         "time_budget_s or check the data")
-    best = ranked[0]
-    leaderboard = [trial_row(r) for r in ranked]
-    logger.info("search (%s): %s; best %s: cv %s = %.4f", trials.where, summary.describe(),
-                best.candidate.label, prepared.metric, best.mean)
+    # each family's best configuration, judged on the holdout rows as well as on its folds
+    choice = choose_family(prepared, ranked, random_state)
+    best = choice.chosen
+    leaderboard = [trial_row(r, choice) for r in ranked]
+    logger.info("search (%s): %s; chose %s: cv %s = %.4f; %s", trials.where, summary.describe(),
+                best.candidate.label, prepared.metric, best.mean, choice.describe())
 
     logged = refit_and_log(prepared, best, model_name, random_state, leaderboard, summary)
     # Registration: the version (pending until its alias is moved), then the alias. MLflow going

@@ -7,6 +7,7 @@ import platform
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +17,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 from sklearn.model_selection import train_test_split
+from threadpoolctl import threadpool_limits
 
 from blocks.mlflow_config import resolve_mlflow_config
 from tasks.data import LoadedData, load_table, validate_training_frame
 from tasks.errors import DataError
 from tasks.training_search import (PlannedTrial, Schema, Search, TrialResult, build_pipeline,
-                                   check_families, cross_validate, cv_repeats, evaluate_metrics,
+                                   METRICS, check_families, choose_finalist, compute_metric,
+                                   cross_validate, cv_repeats, evaluate_metrics,
+                                   family_finalists,
                                    fit_reproducibly, greater_is_better, infer_schema,
                                    permutation_importance_by_column, prepare_features,
                                    refit_params, resolve_metric, row_fingerprints)
@@ -64,9 +68,10 @@ class TrainResult(BaseModel):
     run_id: str
     family: str
     metric: str
-    score: float = Field(description="holdout score in `metric` of the winning configuration "
+    score: float = Field(description="holdout score in `metric` of the chosen configuration "
                                      "fit without the holdout (the registered model is then "
-                                     "refit on every row)")
+                                     "refit on every row); the holdout also helped choose among "
+                                     "the families' best configurations")
     aliases: list[str] = Field(default_factory=list)
     semver: str | None = None
     model_uri: str | None = None
@@ -208,6 +213,56 @@ def trusted_types(model) -> list[str]:
     return found
 
 
+@dataclass
+class FamilyChoice:
+    """The configuration train_model registers, and each family finalist's holdout score."""
+
+    chosen: TrialResult
+    holdout_scores: dict[int, float | None]  # trial number -> score on the holdout rows
+
+    def describe(self) -> str:
+        if not self.holdout_scores:
+            return "one family: no choice to make"
+        scores = ", ".join(f"trial {n}: {'-' if v is None else f'{v:.4f}'}"
+                           for n, v in self.holdout_scores.items())
+        return f"family finalists on the holdout rows: {scores}"
+
+
+@task(name="choose-family", cache_policy=NO_CACHE)
+def choose_family(data: TrainingData, ranked: list[TrialResult], random_state: int) -> FamilyChoice:
+    """Fit each family's best configuration on the search's rows, score it on the holdout rows,
+    and choose by the score over both (`choose_finalist`). One finalist: nothing to fit. The
+    fits run side by side, one per core, like the search's trials."""
+    finalists = family_finalists(ranked)
+    if not finalists:
+        raise DataError("no configuration could be cross-validated; raise time_budget_s or "
+                        "check the data")
+    scores: dict[int, float | None] = {}
+    if len(finalists) > 1:
+        with ThreadPoolExecutor(max_workers=cpu_workers()) as pool:
+            found = pool.map(lambda r: holdout_score(data, r, random_state), finalists)
+            scores = {r.number: score for r, score in zip(finalists, found)}
+    chosen = choose_finalist(finalists, scores, len(data.X), len(data.X_holdout))
+    return FamilyChoice(chosen, scores)
+
+
+def holdout_score(data: TrainingData, trial: TrialResult, random_state: int) -> float | None:
+    """The trial's configuration fit on the search's rows, scored on the holdout rows in the
+    search's metric; None where the metric is undefined there (one class only)."""
+    model = build_pipeline(data.schema, trial.candidate.family, trial.candidate.params,
+                           random_state)
+    with threadpool_limits(limits=1, user_api="openmp"):  # one core each (choose_family)
+        fit_reproducibly(model, data.X, data.y)
+    X, y = data.X_holdout, data.y_holdout
+    needs_proba = METRICS[data.metric][1]
+    proba = model.predict_proba(X) if needs_proba else None
+    pred = None if needs_proba else model.predict(X)
+    try:
+        return compute_metric(data.metric, y, pred, proba, data.schema.classes)
+    except ValueError:  # e.g. ROC AUC on a holdout of one class: the CV mean decides alone
+        return None
+
+
 def summarize_search(search: Search, budget_s: float | None) -> SearchSummary:
     return SearchSummary(
         trials=len(search.results), completed=sum(r.status == "complete" for r in search.results),
@@ -215,11 +270,15 @@ def summarize_search(search: Search, budget_s: float | None) -> SearchSummary:
         seconds=search.seconds, budget_s=budget_s, max_trials=search.max_trials)
 
 
-def trial_row(r: TrialResult) -> dict:
-    """One trial as the leaderboard, the Prefect table and MLflow's trial table show it."""
+def trial_row(r: TrialResult, choice: FamilyChoice) -> dict:
+    """One trial as the leaderboard, the Prefect table and MLflow's trial table show it: its
+    cross-validated score, and for a family's finalist its holdout score (`choose_family`)."""
+    holdout = choice.holdout_scores.get(r.number)
     return {"trial": r.number, "candidate": r.candidate.label, "family": r.candidate.family,
             r.metric: None if r.mean is None else round(r.mean, 6), "folds": len(r.scores),
             "seconds": round(r.seconds, 2), "status": r.status, "at_s": r.finished_s,
+            "holdout": None if holdout is None else round(holdout, 6),
+            "chosen": r.number == choice.chosen.number,
             "params": json.dumps(r.candidate.params, sort_keys=True, default=str),
             "worker": r.worker}
 
@@ -259,8 +318,8 @@ class LoggedModel(BaseModel):
 @task(name="refit-and-log-model", cache_policy=NO_CACHE)
 def refit_and_log(data: TrainingData, best: TrialResult, model_name: str,
                   random_state: int, leaderboard: list[dict], search: SearchSummary) -> LoggedModel:
-    """Fit the best configuration on the search's rows and measure it on the holdout (the
-    honest estimate the version reports), then refit it on every row received, holdout included,
+    """Fit the chosen configuration on the search's rows and measure it on the holdout (the
+    estimate the version reports; see `choose_family`), then refit it on every row received, holdout included,
     for the registered model; log it with what later steps need and the search's trial history
     (a table and a plot).
 

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from prefect.context import FlowRunContext
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import TaskRunner
 
 from blocks.training_settings import TrainingSettings
 from tasks.errors import ConfigurationError
 from tasks.training import TrialData, cpu_workers, evaluate_trial
-from tasks.training_search import PlannedTrial
+from tasks.training_search import PlannedTrial, Search
 
 
 @dataclass
@@ -39,6 +39,26 @@ class TrialRunner:
         return self.runner.submit(evaluate_trial, {"planned": planned, "data": self.data,
                                                    "random_state": random_state,
                                                    "deadline_epoch": epoch})
+
+    def run(self, search: Search, random_state: int, deadline: float | None) -> None:
+        """Run the search's trials until it has finished, `width` at a time.
+
+        With max_trials, in batches told in trial order: the same trials whatever order they
+        finish in. Budget-only, as a rolling window: a new trial starts as soon as one ends, so
+        no worker idles while the batch's slowest trial runs (on ames one boosting trial took
+        48 s beside trials of 2 s)."""
+        if search.max_trials is not None:
+            while batch := search.ask(self.width):
+                search.tell([f.result() for f in [self.submit(t, random_state, deadline)
+                                                   for t in batch]])
+            return
+        running = [self.submit(t, random_state, deadline) for t in search.ask(self.width)]
+        while running:
+            done = next(as_completed(running))
+            running.remove(done)
+            search.tell([done.result()])
+            running += [self.submit(t, random_state, deadline)
+                        for t in search.ask(self.width - len(running))]
 
 
 @contextmanager

@@ -21,9 +21,9 @@ from tasks.errors import ConfigurationError
 from tasks.registry import alias_map, mlflow_client, read_alias_history
 from tasks.training import load_artifact_json
 from tasks.training import HOLDOUT_SHARE, N_FOLDS
-from tasks.training_search import (Candidate, Search, TrialResult, check_families, cross_validate,
-                                   cv_repeats, infer_schema, prepare_features,
-                                   starting_candidates)
+from tasks.training_search import (Candidate, Search, TrialResult, check_families,
+                                   choose_finalist, cross_validate, cv_repeats, family_finalists,
+                                   infer_schema, prepare_features, starting_candidates)
 
 FAST = dict(time_budget_s=10, candidates=["linear", "random_forest"], max_trials=2)
 
@@ -116,15 +116,18 @@ def test_every_family_competes_and_the_history_is_in_mlflow_and_prefect(state_di
         "linear", "random_forest", "extra_trees", "hist_gradient_boosting"}
     complete = [row["roc_auc"] for row in result.leaderboard if row["status"] == "complete"]
     assert complete and complete == sorted(complete, reverse=True)
-    assert result.family == result.leaderboard[0]["family"]
-    assert result.cv_score == pytest.approx(result.leaderboard[0]["roc_auc"], abs=1e-6)
     assert result.search.trials == 4 and result.search.stop_reason == "max_trials"
+    # each family's best is scored on the holdout rows too; the registered one is marked chosen
+    [chosen] = [row for row in result.leaderboard if row["chosen"]]
+    assert result.family == chosen["family"]
+    assert result.cv_score == pytest.approx(chosen["roc_auc"], abs=1e-6)
+    assert all(0.5 < row["holdout"] <= 1 for row in result.leaderboard)
 
     # MLflow: one row per trial (params, folds, score, seconds, status) and the progress plot
     history = load_artifact_json(result.run_id, "trials.json")
     frame = pd.DataFrame(history["data"], columns=history["columns"])
     assert list(frame["trial"]) == [0, 1, 2, 3]
-    assert {"params", "folds", "roc_auc", "seconds", "status"} <= set(frame.columns)
+    assert {"params", "folds", "roc_auc", "seconds", "status", "holdout", "chosen"} <= set(frame.columns)
     artifacts = {f.path for f in mlflow_client().list_artifacts(result.run_id, "mlops")}
     assert "mlops/search_progress.png" in artifacts
     tags = mlflow_client().get_run(result.run_id).data.tags
@@ -185,7 +188,7 @@ def test_a_search_that_has_not_converged_uses_its_budget(state_dir):
 def test_a_budget_too_short_for_a_full_trial_still_yields_a_model(state_dir):
     result = train_model(hard_binary(), "label", "tiny", time_budget_s=0.5)
     assert result.search.stop_reason == "budget" and result.version == 1
-    best = result.leaderboard[0]
+    [best] = [row for row in result.leaderboard if row["chosen"]]
     assert best["status"] in ("complete", "deadline") and best["folds"] >= 1
     assert result.family == best["family"] and 0.5 < result.score <= 1.0
 
@@ -263,6 +266,28 @@ def test_pruning_compares_a_trial_with_its_own_family_only():
         # ... then a trial is judged against its family's median, not the best family's
         for rule in rules[family][4:]:
             assert rule(0, [median - 0.05]) and not rule(0, [median + 0.01])
+
+
+def test_the_family_is_chosen_on_the_holdout_rows_as_well_as_on_the_folds():
+    """On ames a ridge regression led the tree ensembles in cross-validation on outlier-free
+    search rows, then missed the holdout's outliers badly: the holdout rows weigh in by their
+    number, as one more fold."""
+    def trial(number, family, cv):
+        return TrialResult(number, Candidate(family, {}), "rmse", [cv] * 5)
+
+    ridge, boosting = trial(0, "linear", 25_600), trial(1, "hist_gradient_boosting", 27_300)
+    finalists = family_finalists([ridge, boosting, trial(2, "hist_gradient_boosting", 27_400)])
+    assert finalists == [ridge, boosting]  # the best of each family, best first
+    # 1,172 search rows, 293 holdout rows: (25,600 * 1,172 + 47,700 * 293) / 1,465 = 30,020
+    assert choose_finalist(finalists, {0: 47_700, 1: 29_200}, 1172, 293) is boosting
+    # a holdout that agrees with the folds changes nothing; neither does a missing score
+    assert choose_finalist(finalists, {0: 26_000, 1: 29_200}, 1172, 293) is ridge
+    assert choose_finalist(finalists, {0: None, 1: 29_200}, 1172, 293) is ridge
+    # AUC: greater is better
+    a, b = (TrialResult(n, Candidate(f, {}), "roc_auc", [cv] * 5)
+            for n, f, cv in ((0, "linear", 0.85), (1, "random_forest", 0.84)))
+    assert choose_finalist([a, b], {0: 0.80, 1: 0.86}, 1000, 250) is b
+    assert choose_finalist([a, b], {0: 0.84, 1: 0.86}, 1000, 250) is a
 
 
 def test_a_converged_search_stops_early_and_says_so(state_dir):
