@@ -1,6 +1,6 @@
 """train_model: load → validate → search (one task per trial) → choose the family → refit and
-log → register → set aliases: the MLOps deployment guide's `orchestrator.fit(X, y, register_best_model=True,
-model_name=…)`."""
+log → register → set aliases: the MLOps deployment guide's `orchestrator.fit(X, y,
+register_best_model=True, model_name=…)`."""
 from __future__ import annotations
 
 import time

@@ -127,7 +127,8 @@ def test_every_family_competes_and_the_history_is_in_mlflow_and_prefect(state_di
     history = load_artifact_json(result.run_id, "trials.json")
     frame = pd.DataFrame(history["data"], columns=history["columns"])
     assert list(frame["trial"]) == [0, 1, 2, 3]
-    assert {"params", "folds", "roc_auc", "seconds", "status", "holdout", "chosen"} <= set(frame.columns)
+    assert {"params", "folds", "roc_auc", "seconds", "status", "holdout",
+            "chosen"} <= set(frame.columns)
     artifacts = {f.path for f in mlflow_client().list_artifacts(result.run_id, "mlops")}
     assert "mlops/search_progress.png" in artifacts
     tags = mlflow_client().get_run(result.run_id).data.tags
