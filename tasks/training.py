@@ -320,8 +320,8 @@ def refit_and_log(data: TrainingData, best: TrialResult, model_name: str,
                   random_state: int, leaderboard: list[dict], search: SearchSummary) -> LoggedModel:
     """Fit the chosen configuration on the search's rows and measure it on the holdout (the
     estimate the version reports; see `choose_family`), then refit it on every row received,
-    holdout included, for the registered model; log it with what later steps need and the search's trial history
-    (a table and a plot).
+    holdout included, for the registered model; log it with what later steps need and the
+    search's trial history (a table and a plot).
 
     The last refit gives the model a quarter more rows than the search saw (FLAML and the like
     retrain on all rows too): on a few thousand rows that is worth more than further search
