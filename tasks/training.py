@@ -23,12 +23,11 @@ from blocks.mlflow_config import resolve_mlflow_config
 from tasks.data import LoadedData, load_table, validate_training_frame
 from tasks.errors import DataError
 from tasks.training_search import (PlannedTrial, Schema, Search, TrialResult, build_pipeline,
-                                   METRICS, check_families, choose_finalist, compute_metric,
-                                   cross_validate, cv_repeats, evaluate_metrics,
-                                   family_finalists,
-                                   fit_reproducibly, greater_is_better, infer_schema,
+                                   check_families, choose_finalist, cross_validate, cv_repeats,
+                                   evaluate_metrics, family_finalists, fit_reproducibly,
+                                   greater_is_better, infer_schema,
                                    permutation_importance_by_column, prepare_features,
-                                   refit_params, resolve_metric, row_fingerprints)
+                                   refit_params, resolve_metric, row_fingerprints, score_model)
 
 N_FOLDS = 5
 HOLDOUT_SHARE = 0.2
@@ -148,7 +147,8 @@ def start_search(data: TrainingData, families: list[str] | None, random_state: i
                  max_trials: int | None, deadline: float | None, batch_size: int) -> Search:
     """The Optuna study of one train_model call (batches as wide as the trial runner)."""
     return Search(data.schema.task, data.metric, check_families(families), random_state,
-                  batch_size=batch_size, max_trials=max_trials, deadline=deadline)
+                  batch_size=batch_size, max_trials=max_trials, deadline=deadline,
+                  encoded_columns=data.schema.encoded_columns)
 
 
 @task(name="cross-validate-trial", cache_policy=NO_CACHE,
@@ -233,10 +233,7 @@ def choose_family(data: TrainingData, ranked: list[TrialResult], random_state: i
     """Fit each family's best configuration on the search's rows, score it on the holdout rows,
     and choose by the score over both (`choose_finalist`). One finalist: nothing to fit. The
     fits run side by side, one per core, like the search's trials."""
-    finalists = family_finalists(ranked)
-    if not finalists:
-        raise DataError("no configuration could be cross-validated; raise time_budget_s or "
-                        "check the data")
+    finalists = family_finalists(ranked)  # not empty: the flow refuses a search without a score
     scores: dict[int, float | None] = {}
     if len(finalists) > 1:
         with ThreadPoolExecutor(max_workers=cpu_workers()) as pool:
@@ -253,12 +250,9 @@ def holdout_score(data: TrainingData, trial: TrialResult, random_state: int) -> 
                            random_state)
     with threadpool_limits(limits=1, user_api="openmp"):  # one core each (choose_family)
         fit_reproducibly(model, data.X, data.y)
-    X, y = data.X_holdout, data.y_holdout
-    needs_proba = METRICS[data.metric][1]
-    proba = model.predict_proba(X) if needs_proba else None
-    pred = None if needs_proba else model.predict(X)
     try:
-        return compute_metric(data.metric, y, pred, proba, data.schema.classes)
+        return score_model(model, data.X_holdout, data.y_holdout, data.metric,
+                           data.schema.classes)
     except ValueError:  # e.g. ROC AUC on a holdout of one class: the CV mean decides alone
         return None
 

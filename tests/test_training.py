@@ -23,7 +23,8 @@ from tasks.training import load_artifact_json
 from tasks.training import HOLDOUT_SHARE, N_FOLDS
 from tasks.training_search import (Candidate, Search, TrialResult, check_families,
                                    choose_finalist, cross_validate, cv_repeats, family_finalists,
-                                   infer_schema, prepare_features, starting_candidates)
+                                   forest_start_features, infer_schema, prepare_features,
+                                   starting_candidates)
 
 FAST = dict(time_budget_s=10, candidates=["linear", "random_forest"], max_trials=2)
 
@@ -226,6 +227,22 @@ def test_small_data_is_cross_validated_in_repeated_passes():
     thrice = cross_validate(0, linear, X, y, schema, "roc_auc", 5, 0, None, repeats=3)
     assert len(once.scores) == 5 and len(thrice.scores) == 15 and thrice.status == "complete"
     assert thrice.scores[5:10] != thrice.scores[:5]  # each pass has its own shuffle
+
+
+def test_the_first_classification_forests_consider_sqrt_of_the_columns_at_each_split(churn):
+    """Breiman's default (scikit-learn's too): the search starts from decorrelated forests; a
+    regression search keeps its wider start."""
+    schema = infer_schema(churn, "churn", "binary")
+    search = Search("binary", "roc_auc", ["random_forest", "extra_trees"], random_state=0,
+                    batch_size=2, max_trials=2, deadline=None,
+                    encoded_columns=schema.encoded_columns)
+    first = {t.candidate.family: t.candidate.params["max_features"] for t in search.ask()}
+    share = round(schema.encoded_columns ** -0.5, 3)
+    assert schema.encoded_columns > 4 and first == {"random_forest": share, "extra_trees": share}
+    # few columns: at most all of them; very many: at least a tenth
+    assert forest_start_features("multiclass", 1) == (1.0, 1.0)
+    assert forest_start_features("binary", 10_000) == (0.1, 0.1)
+    assert forest_start_features("regression", 40) == (0.5, 0.7)
 
 
 def test_an_l1_trial_scores_the_same_alone_and_beside_another_on_threads(churn):
