@@ -255,9 +255,9 @@ def forest_start_features(task: str, encoded_columns: int | None) -> tuple[float
     """The share of columns each split of the first random forest and extra-trees trials
     considers. Classification: Breiman's sqrt(p) of the p encoded columns (scikit-learn's own
     default), because decorrelated trees are what make a forest better than its trees. On the
-    HMDA mortgage data of bench/training.py (20 encoded columns), 60 s searches starting there
-    (0.22) registered models of holdout AUC 0.856-0.864 over three seeds, against 0.848-0.854
-    starting at 0.5: a search of a few dozen trials rarely gets there from 0.5.
+    HMDA mortgage data of bench/training.py (20 encoded columns), 60 s searches (run without
+    Prefect, seeds 0-2) starting there (0.22) registered models of holdout AUC 0.856-0.864,
+    against 0.848-0.854 starting at 0.5: a search of a few dozen trials rarely gets there.
     Regression, or columns unknown: half of them for random forests, 0.7 for extra trees."""
     if task == "regression" or not encoded_columns:
         return 0.5, 0.7
