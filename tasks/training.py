@@ -24,8 +24,8 @@ from tasks.data import LoadedData, load_table, validate_training_frame
 from tasks.errors import DataError
 from tasks.training_search import (PlannedTrial, Schema, Search, TrialResult, build_pipeline,
                                    check_families, choose_finalist, cross_validate, cv_repeats,
-                                   evaluate_metrics, family_finalists, fit_reproducibly,
-                                   greater_is_better, infer_schema,
+                                   evaluate_metrics, family_finalists, final_params,
+                                   fit_reproducibly, greater_is_better, infer_schema,
                                    permutation_importance_by_column, prepare_features,
                                    refit_params, resolve_metric, row_fingerprints, score_model)
 
@@ -244,9 +244,11 @@ def choose_family(data: TrainingData, ranked: list[TrialResult], random_state: i
 
 
 def holdout_score(data: TrainingData, trial: TrialResult, random_state: int) -> float | None:
-    """The trial's configuration fit on the search's rows, scored on the holdout rows in the
-    search's metric; None where the metric is undefined there (one class only)."""
-    model = build_pipeline(data.schema, trial.candidate.family, trial.candidate.params,
+    """The trial's configuration as it would be registered (`final_params`) fit on the search's
+    rows, scored on the holdout rows in the search's metric; None where the metric is undefined
+    there (one class only)."""
+    family = trial.candidate.family
+    model = build_pipeline(data.schema, family, final_params(family, trial.candidate.params),
                            random_state)
     with threadpool_limits(limits=1, user_api="openmp"):  # one core each (choose_family)
         fit_reproducibly(model, data.X, data.y)
@@ -324,8 +326,8 @@ def refit_and_log(data: TrainingData, best: TrialResult, model_name: str,
     import mlflow
     from mlflow.models import infer_signature
 
-    measured = build_pipeline(data.schema, best.candidate.family, best.candidate.params,
-                              random_state)
+    measured_params = final_params(best.candidate.family, best.candidate.params)
+    measured = build_pipeline(data.schema, best.candidate.family, measured_params, random_state)
     fit_reproducibly(measured, data.X, data.y)
     holdout = evaluate_metrics(measured, data.X_holdout, data.y_holdout, data.schema.task)
     importance_rows = min(len(data.X_holdout), IMPORTANCE_ROWS)
@@ -333,7 +335,7 @@ def refit_and_log(data: TrainingData, best: TrialResult, model_name: str,
         measured, data.X_holdout.iloc[:importance_rows], data.y_holdout.iloc[:importance_rows],
         data.schema.task, random_state)
     all_X, all_y = pd.concat([data.X, data.X_holdout]), pd.concat([data.y, data.y_holdout])
-    params = refit_params(best.candidate.family, best.candidate.params, measured)
+    params = refit_params(best.candidate.family, measured_params, measured)
     model = build_pipeline(data.schema, best.candidate.family, params, random_state)
     fit_reproducibly(model, all_X, all_y)
     schema_json = json.dumps(data.schema.to_dict(), sort_keys=True, default=str)

@@ -4,6 +4,7 @@ Tests whose subject is not the search pass a small max_trials (the search's firs
 the search's own tests at the end spend a time budget."""
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,10 +22,10 @@ from tasks.errors import ConfigurationError
 from tasks.registry import alias_map, mlflow_client, read_alias_history
 from tasks.training import load_artifact_json
 from tasks.training import HOLDOUT_SHARE, N_FOLDS
-from tasks.training_search import (Candidate, Search, TrialResult, check_families,
+from tasks.training_search import (FINAL_TREES, Candidate, Search, TrialResult, check_families,
                                    choose_finalist, cross_validate, cv_repeats, family_finalists,
-                                   forest_start_features, infer_schema, prepare_features,
-                                   starting_candidates)
+                                   final_params, forest_start_features, infer_schema,
+                                   prepare_features, starting_candidates)
 
 FAST = dict(time_budget_s=10, candidates=["linear", "random_forest"], max_trials=2)
 
@@ -88,6 +89,21 @@ def test_a_boosting_winner_is_refit_on_every_row_with_the_iterations_early_stopp
     boosting = mlflow.sklearn.load_model(result.model_uri).named_steps["model"]
     assert params["early_stopping"] == "False" and boosting.early_stopping is False
     assert 0 < boosting.max_iter == int(params["max_iter"]) == boosting.n_iter_ < 500
+
+
+def test_a_forest_winner_is_registered_with_at_least_final_trees(state_dir, churn):
+    result = train_model(churn, "churn", "forest", candidates=["extra_trees"], max_trials=1)
+    [trial] = result.leaderboard
+    searched = json.loads(trial["params"])
+    assert searched["n_estimators"] < FINAL_TREES  # the search's cheap first forest
+    # the measured and registered fits: the same configuration with more trees
+    params = mlflow_client().get_run(result.run_id).data.params
+    forest = mlflow.sklearn.load_model(result.model_uri).named_steps["model"]
+    assert int(params["n_estimators"]) == len(forest.estimators_) == FINAL_TREES
+    assert forest.max_depth == searched["max_depth"] == int(params["max_depth"])
+    # a forest searched with more trees keeps them; other families are fit as searched
+    assert final_params("random_forest", {"n_estimators": 280})["n_estimators"] == 280
+    assert final_params("linear", {"C": 0.5}) == {"C": 0.5}
 
 
 def test_later_versions_become_challenger_or_nothing(state_dir, churn):
