@@ -4,12 +4,12 @@
     .venv/bin/python bench/export.py --regression    # also regressors on monthly_charges
     .venv/bin/python bench/export.py --rows 500      # single-row calls timed per runtime
 
-Each family is fitted as train_model builds it (first candidate of the grid) on 5,000 rows of the
-bundled churn data; the parity sample is the other 2,043 rows. Every format goes through the same
-code as export_model (tasks/export/core.py: capability check, conversion, parity gate, latency),
-and scikit-learn is timed on the same rows in the same run: single-row p50/p99 over `--rows`
-one-row calls with inputs prepared beforehand, batch throughput over the whole sample. Latency
-is wall time on this machine: run it on an idle one (the ratio column is what to compare).
+Each family is fitted as train_model registers its first candidate (`final_params`) on 5,000 rows
+of the bundled churn data; the parity sample is the other 2,043 rows. Every format goes through
+the same code as export_model (tasks/export/core.py: capability check, conversion, parity gate,
+latency), and scikit-learn is timed on the same rows in the same run: single-row p50/p99 over
+`--rows` one-row calls with inputs prepared beforehand, batch throughput over the whole sample.
+Latency is wall time on this machine: run it on an idle one (the ratio column is what to compare).
 ONNX runs in onnxruntime with one thread; PMML in JPMML-Evaluator through py4j (the round trip
 is included). Goal (issue 4): ONNX single-row at least 20x faster than scikit-learn.
 """
@@ -30,7 +30,7 @@ from tasks.export.base import FORMATS, ExportSubject  # noqa: E402
 from tasks.export.core import export_format, sklearn_reference  # noqa: E402
 from tasks.export.report import _size  # noqa: E402
 from tasks.training_search import (FAMILIES, build_pipeline, starting_candidates, infer_schema,  # noqa: E402
-                                   prepare_features)
+                                   final_params, prepare_features)
 
 TRAIN_ROWS = 5000
 GOAL = 20.0
@@ -43,7 +43,7 @@ def subjects(task: str, target: str):
     y = frame[target]
     params = {c.family: c.params for c in starting_candidates(task)}
     for family in FAMILIES:
-        pipeline = build_pipeline(schema, family, params[family], 0)
+        pipeline = build_pipeline(schema, family, final_params(family, params[family]), 0)
         pipeline.fit(X.iloc[:TRAIN_ROWS], y.iloc[:TRAIN_ROWS])
         yield family, ExportSubject(model_name=f"bench-{family}", version=1, pipeline=pipeline,
                                     schema=schema), X.iloc[TRAIN_ROWS:].reset_index(drop=True)

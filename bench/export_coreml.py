@@ -32,7 +32,7 @@ from tasks.demo_data import churn_frame  # noqa: E402
 from tasks.export.base import ExportSubject  # noqa: E402
 from tasks.export.core import export_format, sklearn_reference  # noqa: E402
 from tasks.training_search import (FAMILIES, build_pipeline, starting_candidates, infer_schema,  # noqa: E402
-                                   prepare_features)
+                                   final_params, prepare_features)
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -62,7 +62,7 @@ def run(max_rows: int) -> list[dict]:
         for candidate in starting_candidates(task):  # the search's first trial of each family
             first.setdefault(candidate.family, candidate.params)
         for family in FAMILIES:
-            pipe = build_pipeline(schema, family, first[family], 0)
+            pipe = build_pipeline(schema, family, final_params(family, first[family]), 0)
             started = time.perf_counter()
             pipe.fit(X.iloc[:cut], frame[target].iloc[:cut])
             fit_s = time.perf_counter() - started

@@ -33,7 +33,7 @@ from tasks.export.base import ExportSubject  # noqa: E402
 from tasks.export.core import export_format, sklearn_reference  # noqa: E402
 from tasks.export.report import _size  # noqa: E402
 from tasks.training_search import (build_pipeline, starting_candidates, infer_schema,  # noqa: E402
-                                   prepare_features)
+                                   final_params, prepare_features)
 
 OUT = Path(__file__).resolve().parent / "out"
 CHURN_TRAIN_ROWS = 5000  # as bench/export.py: the parity sample is the other 2,043 rows
@@ -77,7 +77,8 @@ def main() -> int:
             if args.quick:
                 grid = [c for i, c in enumerate(grid) if c.family not in {d.family for d in grid[:i]}]
             for candidate in grid:
-                pipeline = build_pipeline(schema, candidate.family, candidate.params, 0)
+                pipeline = build_pipeline(schema, candidate.family,
+                                          final_params(candidate.family, candidate.params), 0)
                 pipeline.fit(X.iloc[:cut], y.iloc[:cut])
                 subject = ExportSubject(model_name=f"bench-{candidate.family}", version=1,
                                         pipeline=pipeline, schema=schema)

@@ -268,7 +268,8 @@ def summarize_search(search: Search, budget_s: float | None) -> SearchSummary:
 
 def trial_row(r: TrialResult, choice: FamilyChoice) -> dict:
     """One trial as the leaderboard, the Prefect table and MLflow's trial table show it: its
-    cross-validated score, and for a family's finalist its holdout score (`choose_family`)."""
+    cross-validated score and searched params, and for a family's finalist its holdout score
+    (`choose_family`; a forest's with at least FINAL_TREES trees, `final_params`)."""
     holdout = choice.holdout_scores.get(r.number)
     return {"trial": r.number, "candidate": r.candidate.label, "family": r.candidate.family,
             r.metric: None if r.mean is None else round(r.mean, 6), "folds": len(r.scores),

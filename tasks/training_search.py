@@ -169,8 +169,8 @@ def fit_reproducibly(model: Pipeline, X: pd.DataFrame, y: pd.Series) -> Pipeline
         return model.fit(X, y)
 
 
-# A forest's trees only average away each other's variance: more of them never cost accuracy,
-# only time. The search compares configurations at the trees each drew (cheap ones first); the
+# A forest's trees only average away each other's variance: more of them cost no accuracy on
+# average, only time. The search compares configurations at the trees each drew (cheap ones first); the
 # model train_model measures, chooses among the families (`holdout_score`) and registers has at
 # least FINAL_TREES. On the HMDA data of bench/training.py, 60 -> 150 trees raised the holdout
 # AUC of two forest configurations by 0.0035 and 0.0066 (medians over five random states) and
@@ -690,7 +690,9 @@ def choose_finalist(finalists: list[TrialResult], holdout_scores: dict[int, floa
     ensemble in cross-validation when the search's rows held no outlier, then missed the
     outliers of the held-out rows by twice the trees' error (RMSE 32,300 against 29,000).
     Choosing the family on every row the search did not fit as well as on its folds takes the
-    holdout rows into account too."""
+    holdout rows into account too. A forest's holdout score is that of its registered form
+    (`final_params`: more trees than it was cross-validated with), which tilts the choice
+    slightly towards forests, as the registered model would."""
     if not finalists:
         raise ValueError("no scored configuration to choose from")
     sign = -1.0 if greater_is_better(finalists[0].metric) else 1.0

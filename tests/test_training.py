@@ -91,12 +91,18 @@ def test_a_boosting_winner_is_refit_on_every_row_with_the_iterations_early_stopp
     assert 0 < boosting.max_iter == int(params["max_iter"]) == boosting.n_iter_ < 500
 
 
-def test_a_forest_winner_is_registered_with_at_least_final_trees(state_dir, churn):
-    result = train_model(churn, "churn", "forest", candidates=["extra_trees"], max_trials=1)
-    [trial] = result.leaderboard
-    searched = json.loads(trial["params"])
-    assert searched["n_estimators"] < FINAL_TREES  # the search's cheap first forest
-    # the measured and registered fits: the same configuration with more trees
+def test_a_forest_winner_is_chosen_measured_and_registered_with_at_least_final_trees(
+        state_dir, churn):
+    result = train_model(churn, "churn", "forest", candidates=["random_forest", "extra_trees"],
+                         max_trials=2)
+    [chosen] = [row for row in result.leaderboard if row["chosen"]]
+    searched = json.loads(chosen["params"])
+    assert searched["n_estimators"] < FINAL_TREES  # the search's cheap first forests
+    # chosen on the holdout with more trees (both finalists were fit), measured the same way:
+    # the version's score is the chosen finalist's holdout score
+    assert all(row["holdout"] is not None for row in result.leaderboard)
+    assert result.score == pytest.approx(chosen["holdout"], abs=1e-6)
+    # and registered with them: the same configuration, more trees
     params = mlflow_client().get_run(result.run_id).data.params
     forest = mlflow.sklearn.load_model(result.model_uri).named_steps["model"]
     assert int(params["n_estimators"]) == len(forest.estimators_) == FINAL_TREES
