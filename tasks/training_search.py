@@ -170,11 +170,11 @@ def fit_reproducibly(model: Pipeline, X: pd.DataFrame, y: pd.Series) -> Pipeline
 
 
 # A forest's trees only average away each other's variance: more of them cost no accuracy on
-# average, only time. The search compares configurations at the trees each drew (cheap ones first); the
-# model train_model measures, chooses among the families (`holdout_score`) and registers has at
-# least FINAL_TREES. On the HMDA data of bench/training.py, 60 -> 150 trees raised the holdout
-# AUC of two forest configurations by 0.0035 and 0.0066 (medians over five random states) and
-# narrowed their spread over random states; 300 trees added under 0.001 more.
+# average, only time. The search compares configurations at the trees each drew (cheap ones
+# first); the model train_model measures, chooses among the families (`holdout_score`) and
+# registers has at least FINAL_TREES. On the HMDA data of bench/training.py, 60 -> 150 trees
+# raised the holdout AUC of two forest configurations by 0.0035 and 0.0066 (medians over five
+# random states) and narrowed their spread over random states; 300 trees added under 0.001 more.
 FINAL_TREES = 150
 
 
