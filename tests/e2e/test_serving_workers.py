@@ -37,6 +37,7 @@ MOVE_AT = 1.5
 # stack tests on 2 slow cores the second worker once still answered v1 at 5 s: here the bound for
 # "every answer is v2" is 10 s; the first v2 answer must still come within 5 s.
 ALL_SWITCHED_S = 10.0
+RECONNECT_S = 1.0  # each load thread opens a new connection this often (Load.run)
 
 
 @pytest.fixture(scope="module")
@@ -108,25 +109,32 @@ class Load:
         self.lock = threading.Lock()
 
     def run(self, model: str, worker: int) -> None:
+        """A new connection every RECONNECT_S: the kernel gives each new connection to a worker
+        that is accepting, so a worker that came up a moment after the other still gets traffic
+        (on one keep-alive connection per thread, the first four connections decided which
+        workers ever answered, and on a busy machine once all went to one)."""
         headers = {"Authorization": f"Bearer {self.key}"}
-        with httpx.Client(base_url=self.url, headers=headers, timeout=10) as client:
-            i = 0
-            while not self.stop.is_set():
-                body = {"rows": [self.rows[i % len(self.rows)]]}
-                if model == TESTED:
-                    body["ids"] = [f"w{worker}-{i}"]
-                try:
-                    r = client.post(f"/api/v1/mlops/models/{model}/predict", json=body)
-                except httpx.HTTPError as exc:
-                    self.errors.append(f"{type(exc).__name__}: {exc}")
-                    continue
-                finally:
-                    i += 1
-                if r.status_code != 200:
-                    self.errors.append(f"{r.status_code} {r.text[:200]}")
-                    continue
-                with self.lock:
-                    self.answers[model].append((time.monotonic(), r.json()["predictions"][0]))
+        i = 0
+        while not self.stop.is_set():
+            with httpx.Client(base_url=self.url, headers=headers, timeout=10) as client:
+                reconnect_at = time.monotonic() + RECONNECT_S
+                while not self.stop.is_set() and time.monotonic() < reconnect_at:
+                    body = {"rows": [self.rows[i % len(self.rows)]]}
+                    if model == TESTED:
+                        body["ids"] = [f"w{worker}-{i}"]
+                    try:
+                        r = client.post(f"/api/v1/mlops/models/{model}/predict", json=body)
+                    except httpx.HTTPError as exc:
+                        self.errors.append(f"{type(exc).__name__}: {exc}")
+                        continue
+                    finally:
+                        i += 1
+                    if r.status_code != 200:
+                        self.errors.append(f"{r.status_code} {r.text[:200]}")
+                        continue
+                    with self.lock:
+                        self.answers[model].append((time.monotonic(),
+                                                    r.json()["predictions"][0]))
 
 
 def counted(text: str, model: str) -> float:
