@@ -4,12 +4,13 @@
     .venv/bin/python bench/export.py --regression    # also regressors on monthly_charges
     .venv/bin/python bench/export.py --rows 500      # single-row calls timed per runtime
 
-Each family is fitted as train_model registers its first candidate (`final_params`) on 5,000 rows
-of the bundled churn data; the parity sample is the other 2,043 rows. Every format goes through
-the same code as export_model (tasks/export/core.py: capability check, conversion, parity gate,
-latency), and scikit-learn is timed on the same rows in the same run: single-row p50/p99 over
-`--rows` one-row calls with inputs prepared beforehand, batch throughput over the whole sample.
-Latency is wall time on this machine: run it on an idle one (the ratio column is what to compare).
+Each family is fitted with its first candidate's parameters (forests with train_model's final
+trees, `final_params`) on 5,000 rows of the bundled churn data; the parity sample is the other
+2,043 rows. Every format goes through the same code as export_model (tasks/export/core.py:
+capability check, conversion, parity gate, latency), and scikit-learn is timed on the same rows in
+the same run: single-row p50/p99 over `--rows` one-row calls with inputs prepared beforehand,
+batch throughput over the whole sample. Latency is wall time on this machine: run it on an idle
+one (the ratio column is what to compare).
 ONNX runs in onnxruntime with one thread; PMML in JPMML-Evaluator through py4j (the round trip
 is included). Goal (issue 4): ONNX single-row at least 20x faster than scikit-learn.
 """
