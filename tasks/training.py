@@ -161,7 +161,7 @@ def evaluate_trial(planned: PlannedTrial, data: TrialData, random_state: int,
     deadline = None if deadline_epoch is None else time.monotonic() + (deadline_epoch - time.time())
     result = cross_validate(planned.number, planned.candidate, data.X, data.y, data.schema,
                             data.metric, N_FOLDS, random_state, deadline, planned.should_prune,
-                            data.cv_repeats)
+                            data.cv_repeats, planned.time_cap_s)
     result.worker = where_running()
     return result
 

@@ -169,6 +169,39 @@ def fit_reproducibly(model: Pipeline, X: pd.DataFrame, y: pd.Series) -> Pipeline
         return model.fit(X, y)
 
 
+BOOSTING_CHUNK = 16  # boosting iterations of the first chunk of a fit with a time limit
+
+
+def fit_until(model: Pipeline, X: pd.DataFrame, y: pd.Series, until: float | None) -> bool:
+    """Fit `model` like `fit_reproducibly`, but stop a boosting model's iterations once
+    time.monotonic() passes `until`; True when it was cut there (the model then predicts with
+    the iterations it reached). Other families fit whole: their cost is bounded by the
+    parameters the search draws (trees, depth), boosting's is not (a low learning rate runs up
+    to max_iter: on ames, one fold of one configuration took 34 s of a 42 s search).
+
+    Boosting grows in chunks with warm_start, each sized by the time per iteration so far to
+    end near `until`; early stopping sees the same validation rows and iterations as in one
+    fit, so a fit that is not cut predicts exactly as `model.fit` would."""
+    estimator = model.steps[-1][1]
+    if until is None or not isinstance(estimator, (HistGradientBoostingClassifier,
+                                                   HistGradientBoostingRegressor)):
+        fit_reproducibly(model, X, y)
+        return False
+    Xt = model[:-1].fit_transform(X, y)
+    started, full = time.monotonic(), estimator.max_iter
+    estimator.set_params(warm_start=True, max_iter=min(BOOSTING_CHUNK, full))
+    while True:
+        estimator.fit(Xt, y)
+        if estimator.n_iter_ < estimator.max_iter or estimator.max_iter >= full:
+            return False  # early stopping ended it, or it ran every iteration
+        now = time.monotonic()
+        if now >= until:
+            return True
+        per_iteration = (now - started) / estimator.n_iter_
+        more = int(np.clip((until - now) / per_iteration, BOOSTING_CHUNK, estimator.n_iter_))
+        estimator.set_params(max_iter=min(full, estimator.n_iter_ + more))
+
+
 # A forest's trees only average away each other's variance: more of them cost no accuracy on
 # average, only time. The search compares configurations at the trees each drew (cheap ones
 # first); the model train_model measures, chooses among the families (`holdout_score`) and
@@ -423,16 +456,22 @@ def folds(task: str, n_folds: int, random_state: int, repeats: int = 1):
 
 def cross_validate(number: int, candidate: Candidate, X: pd.DataFrame, y: pd.Series,
                    schema: Schema, metric: str, n_folds: int, random_state: int,
-                   deadline: float | None, should_prune=None, repeats: int = 1) -> TrialResult:
+                   deadline: float | None, should_prune=None, repeats: int = 1,
+                   time_cap_s: float | None = None) -> TrialResult:
     """k-fold scores of one configuration (`repeats` passes, see `cv_repeats`). After each fold
     but the last, `should_prune(fold, running means so far)` may stop a bad trial (status
-    pruned); past `deadline` (a time.monotonic() value of this process) it stops between folds,
-    after the first (status deadline)."""
+    pruned). Past `deadline` (a time.monotonic() value of this process), or once the trial has
+    run `time_cap_s` seconds, it stops (status deadline): between folds, or within a boosting
+    fit (`fit_until`), whose fold is then scored as far as it got; the first fold always yields
+    a score."""
+    started = time.monotonic()
+    until = min((t for t in (deadline, None if time_cap_s is None else started + time_cap_s)
+                 if t is not None), default=None)
     # trials run side by side, one per core: one OpenMP thread each (HistGradientBoosting's
     # default of all cores per trial oversubscribes the machine; the limit is per thread)
     with threadpool_limits(limits=1, user_api="openmp"):
         return _cross_validate(number, candidate, X, y, schema, metric, n_folds, random_state,
-                               deadline, should_prune, repeats)
+                               until, should_prune, repeats)
 
 
 def score_model(model, X: pd.DataFrame, y: pd.Series, metric: str, classes) -> float:
@@ -443,25 +482,28 @@ def score_model(model, X: pd.DataFrame, y: pd.Series, metric: str, classes) -> f
     return compute_metric(metric, y, model.predict(X), None, classes)
 
 
-def _cross_validate(number, candidate, X, y, schema, metric, n_folds, random_state, deadline,
+def _cross_validate(number, candidate, X, y, schema, metric, n_folds, random_state, until,
                     should_prune, repeats) -> TrialResult:
     result = TrialResult(number, candidate, metric, [])
     started = time.monotonic()
     splitter = folds(schema.task, n_folds, random_state, repeats)
     last = splitter.get_n_splits() - 1
     for step, (train_idx, test_idx) in enumerate(splitter.split(X, y)):
-        if step > 0 and deadline is not None and time.monotonic() > deadline:
+        if step > 0 and until is not None and time.monotonic() > until:
             result.status = "deadline"  # (the first fold always runs: every trial has a score)
             break
         model = build_pipeline(schema, candidate.family, candidate.params, random_state)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                fit_reproducibly(model, X.iloc[train_idx], y.iloc[train_idx])
+                cut = fit_until(model, X.iloc[train_idx], y.iloc[train_idx], until)
             result.scores.append(score_model(model, X.iloc[test_idx], y.iloc[test_idx], metric,
                                              schema.classes))
         except Exception as exc:  # a configuration that cannot fit loses; the search goes on
             result.status, result.error = "error", f"{type(exc).__name__}: {exc}"
+            break
+        if cut:
+            result.status = "deadline"
             break
         if step < last and should_prune is not None and should_prune(step, result.running_means()):
             result.status = "pruned"
@@ -476,6 +518,15 @@ OPTIMUM = {"roc_auc": 1.0, "accuracy": 1.0, "balanced_accuracy": 1.0, "f1_macro"
 
 
 PRUNER_STARTUP_TRIALS = 4  # completed trials before any trial is pruned
+
+# A budget-only search gives each trial TPE proposes at most this share of the time it has
+# (from its start to its deadline), so that one slow configuration cannot hold a core for most
+# of the search: on ames (60 s budget, 2 cores) one boosting trial at learning rate 0.02 ran
+# 34 s of the 42 s and the search completed 7 trials. A trial cut there ranks below every
+# completed one, and TPE is told it as pruned, so it proposes fewer like it. The families'
+# starting points are not capped: they are what every family's score rests on (on ames the
+# boosting one takes 10 s, and boosting wins there).
+TRIAL_TIME_SHARE = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -530,6 +581,7 @@ class PlannedTrial:
     number: int
     candidate: Candidate
     should_prune: MedianRule  # (fold, running means) -> bool
+    time_cap_s: float | None = None  # seconds the trial may run (budget-only searches)
 
 
 class Search:
@@ -561,11 +613,15 @@ class Search:
         self.study = optuna.create_study(
             direction="maximize" if greater_is_better(metric) else "minimize", sampler=sampler,
             pruner=optuna.pruners.NopPruner())  # pruning is MedianRule's, in the trial
-        for point in starting_points(task, families, encoded_columns):
+        points = starting_points(task, families, encoded_columns)
+        for point in points:
             self.study.enqueue_trial(point)
+        self._starting_points = len(points)  # the study's first trials
         self.results: list[TrialResult] = []
         self.stop_reason: str | None = None
         self.started = time.monotonic()
+        self.trial_cap_s = (None if deadline is None
+                            else round(TRIAL_TIME_SHARE * max(deadline - self.started, 0.0), 3))
         self._pending: dict[int, Any] = {}
         self._best: float | None = None
         self._since_best = 0
@@ -586,7 +642,9 @@ class Search:
                 self._pending[trial.number] = trial
                 candidate = suggest_candidate(trial, self.task, self.families)
                 trial.set_user_attr("family", candidate.family)
-                planned.append(PlannedTrial(trial.number, candidate, rules[candidate.family]))
+                starting_point = trial.number < self._starting_points
+                planned.append(PlannedTrial(trial.number, candidate, rules[candidate.family],
+                                            None if starting_point else self.trial_cap_s))
         return planned
 
     def tell(self, results: list[TrialResult]) -> None:
@@ -599,7 +657,7 @@ class Search:
                 trial.report(value, step)
             if r.status == "complete":
                 self.study.tell(trial, r.mean)
-            elif r.status == "pruned":
+            elif r.status in ("pruned", "deadline"):  # TPE counts both among the bad regions
                 self.study.tell(trial, state=TrialState.PRUNED)
             else:
                 self.study.tell(trial, state=TrialState.FAIL)

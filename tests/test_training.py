@@ -22,10 +22,11 @@ from tasks.errors import ConfigurationError
 from tasks.registry import alias_map, mlflow_client, read_alias_history
 from tasks.training import load_artifact_json
 from tasks.training import HOLDOUT_SHARE, N_FOLDS
-from tasks.training_search import (FINAL_TREES, Candidate, Search, TrialResult, check_families,
-                                   choose_finalist, cross_validate, cv_repeats, family_finalists,
-                                   final_params, forest_start_features, infer_schema,
-                                   prepare_features, starting_candidates)
+from tasks.training_search import (FAMILIES, FINAL_TREES, TRIAL_TIME_SHARE, Candidate, Search,
+                                   TrialResult, build_pipeline, check_families, choose_finalist,
+                                   cross_validate, cv_repeats, family_finalists, final_params,
+                                   fit_reproducibly, fit_until, forest_start_features,
+                                   infer_schema, prepare_features, starting_candidates)
 
 FAST = dict(time_budget_s=10, candidates=["linear", "random_forest"], max_trials=2)
 
@@ -232,6 +233,49 @@ def test_a_deadline_passed_before_the_search_began_still_runs_one_batch():
     assert search.ask() == [] and search.stop_reason == "budget"
     best = search.ranked()[0]
     assert best.status == "deadline" and len(best.scores) == 1 and 0.5 < best.mean <= 1.0
+
+
+def test_a_slow_proposed_trial_is_cut_at_its_share_of_the_search_time():
+    """One configuration must not hold a core for most of a budget-only search: a trial TPE
+    proposes runs at most a third of the search's time, even inside one boosting fit, and what
+    it fitted so far still scores. The families' starting points are not capped, and a search
+    with max_trials never is (its trials must not depend on the machine's speed)."""
+    search = Search("binary", "roc_auc", list(FAMILIES), random_state=0, batch_size=6,
+                    max_trials=None, deadline=time.monotonic() + 30)
+    planned = search.ask()
+    assert [t.time_cap_s for t in planned[:4]] == [None] * 4  # one starting point per family
+    assert all(t.time_cap_s == pytest.approx(30 * TRIAL_TIME_SHARE, abs=0.5) for t in planned[4:])
+    fixed = Search("binary", "roc_auc", list(FAMILIES), random_state=0, batch_size=6,
+                   max_trials=6, deadline=None)
+    assert all(t.time_cap_s is None for t in fixed.ask())
+
+    frame = hard_binary(1500)
+    schema = infer_schema(frame, "label", "binary")
+    X, y = prepare_features(frame, schema), frame["label"]
+    slow = Candidate("hist_gradient_boosting", {"learning_rate": 0.01, "max_leaf_nodes": 64,
+                                                "min_samples_leaf": 2, "early_stopping": False})
+    uncapped = time.monotonic()
+    full_fold = build_pipeline(schema, slow.family, slow.params, 0)
+    fit_reproducibly(full_fold, X, y)
+    full_s = time.monotonic() - uncapped
+    assert full_fold.named_steps["model"].n_iter_ == 500
+
+    cap = full_s / 4
+    cut = cross_validate(0, slow, X, y, schema, "roc_auc", 5, 0, None, time_cap_s=cap)
+    assert cut.status == "deadline" and len(cut.scores) == 1 and 0.5 < cut.scores[0] <= 1.0
+    assert cut.seconds < cap + full_s / 4 + 0.5, (cut.seconds, cap, full_s)
+
+
+def test_a_boosting_fit_under_a_time_limit_predicts_as_one_fit_when_not_cut(churn):
+    """The limit grows the model in chunks; the chunks must not change the model."""
+    schema = infer_schema(churn, "churn", "binary")
+    X, y = prepare_features(churn, schema), churn["churn"]
+    params = {"learning_rate": 0.05, "max_leaf_nodes": 15, "validation_fraction": 0.2}
+    whole = fit_reproducibly(build_pipeline(schema, "hist_gradient_boosting", params, 3), X, y)
+    chunked = build_pipeline(schema, "hist_gradient_boosting", params, 3)
+    assert fit_until(chunked, X, y, until=time.monotonic() + 600) is False
+    assert chunked.named_steps["model"].n_iter_ == whole.named_steps["model"].n_iter_ > 16
+    np.testing.assert_array_equal(chunked.predict_proba(X), whole.predict_proba(X))
 
 
 def test_small_data_is_cross_validated_in_repeated_passes():
