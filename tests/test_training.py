@@ -15,6 +15,7 @@ import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from sklearn.datasets import load_diabetes, load_iris, make_classification
+from threadpoolctl import threadpool_limits
 
 from flows.training import SEARCH_SHARE, train_model
 from tasks.demo_data import churn_frame
@@ -256,7 +257,8 @@ def test_a_slow_proposed_trial_is_cut_at_its_share_of_the_search_time():
                                                 "min_samples_leaf": 2, "early_stopping": False})
     uncapped = time.monotonic()
     full_fold = build_pipeline(schema, slow.family, slow.params, 0)
-    fit_reproducibly(full_fold, X, y)
+    with threadpool_limits(limits=1, user_api="openmp"):  # as a trial runs (one core each)
+        fit_reproducibly(full_fold, X, y)
     full_s = time.monotonic() - uncapped
     assert full_fold.named_steps["model"].n_iter_ == 500
 
@@ -271,9 +273,10 @@ def test_a_boosting_fit_under_a_time_limit_predicts_as_one_fit_when_not_cut(chur
     schema = infer_schema(churn, "churn", "binary")
     X, y = prepare_features(churn, schema), churn["churn"]
     params = {"learning_rate": 0.05, "max_leaf_nodes": 15, "validation_fraction": 0.2}
-    whole = fit_reproducibly(build_pipeline(schema, "hist_gradient_boosting", params, 3), X, y)
     chunked = build_pipeline(schema, "hist_gradient_boosting", params, 3)
-    assert fit_until(chunked, X, y, until=time.monotonic() + 600) is False
+    with threadpool_limits(limits=1, user_api="openmp"):  # as trials run, one core each
+        whole = fit_reproducibly(build_pipeline(schema, "hist_gradient_boosting", params, 3), X, y)
+        assert fit_until(chunked, X, y, until=time.monotonic() + 600) is False
     assert chunked.named_steps["model"].n_iter_ == whole.named_steps["model"].n_iter_ > 16
     np.testing.assert_array_equal(chunked.predict_proba(X), whole.predict_proba(X))
 
