@@ -180,8 +180,10 @@ def fit_until(model: Pipeline, X: pd.DataFrame, y: pd.Series, until: float | Non
     to max_iter: on ames, one fold of one configuration took 34 s of a 42 s search).
 
     Boosting grows in chunks with warm_start, each sized by the time per iteration so far to
-    end near `until`; early stopping sees the same validation rows and iterations as in one
-    fit, so a fit that is not cut predicts exactly as `model.fit` would."""
+    end near `until`. Early stopping sees the same validation rows and scores as in one fit,
+    and its rule is applied again at the end of each chunk (scikit-learn checks it after each
+    iteration, but a fit that reached max_iter ends without stopping), so a fit that is not cut
+    predicts exactly as `model.fit` would."""
     estimator = model.steps[-1][1]
     if until is None or not isinstance(estimator, (HistGradientBoostingClassifier,
                                                    HistGradientBoostingRegressor)):
@@ -192,7 +194,8 @@ def fit_until(model: Pipeline, X: pd.DataFrame, y: pd.Series, until: float | Non
     estimator.set_params(warm_start=True, max_iter=min(BOOSTING_CHUNK, full))
     while True:
         estimator.fit(Xt, y)
-        if estimator.n_iter_ < estimator.max_iter or estimator.max_iter >= full:
+        if (estimator.n_iter_ < estimator.max_iter or estimator.max_iter >= full
+                or early_stopped(estimator)):
             return False  # early stopping ended it, or it ran every iteration
         now = time.monotonic()
         if now >= until:
@@ -200,6 +203,20 @@ def fit_until(model: Pipeline, X: pd.DataFrame, y: pd.Series, until: float | Non
         per_iteration = (now - started) / estimator.n_iter_
         more = int(np.clip((until - now) / per_iteration, BOOSTING_CHUNK, estimator.n_iter_))
         estimator.set_params(max_iter=min(full, estimator.n_iter_ + more))
+
+
+def early_stopped(estimator) -> bool:
+    """Whether a fitted HistGradientBoosting model's early stopping stops it after its last
+    iteration: scikit-learn's rule (no score of the last n_iter_no_change beat the one before
+    them by more than tol) on the scores it recorded."""
+    if not estimator.do_early_stopping_:
+        return False
+    scores = (estimator.validation_score_ if len(estimator.validation_score_)
+              else estimator.train_score_)
+    window = estimator.n_iter_no_change + 1
+    if len(scores) < window:
+        return False
+    return not any(score > scores[-window] + estimator.tol for score in scores[-window + 1:])
 
 
 # A forest's trees only average away each other's variance: more of them cost no accuracy on
@@ -460,18 +477,20 @@ def cross_validate(number: int, candidate: Candidate, X: pd.DataFrame, y: pd.Ser
                    time_cap_s: float | None = None) -> TrialResult:
     """k-fold scores of one configuration (`repeats` passes, see `cv_repeats`). After each fold
     but the last, `should_prune(fold, running means so far)` may stop a bad trial (status
-    pruned). Past `deadline` (a time.monotonic() value of this process), or once the trial has
-    run `time_cap_s` seconds, it stops (status deadline): between folds, or within a boosting
-    fit (`fit_until`), whose fold is then scored as far as it got; the first fold always yields
-    a score."""
+    pruned). Past `deadline` (a time.monotonic() value of this process) it stops between folds,
+    after the first (status deadline). With `time_cap_s`, the trial also stops once it has run
+    that long, and then, as at the deadline, within a boosting fit too (`fit_until`), whose fold
+    is scored with the iterations it reached: the first fold always yields a score, and without
+    a cap (a family's starting point) a whole one."""
     started = time.monotonic()
-    until = min((t for t in (deadline, None if time_cap_s is None else started + time_cap_s)
-                 if t is not None), default=None)
+    stop_at = min((t for t in (deadline, None if time_cap_s is None else started + time_cap_s)
+                   if t is not None), default=None)
     # trials run side by side, one per core: one OpenMP thread each (HistGradientBoosting's
     # default of all cores per trial oversubscribes the machine; the limit is per thread)
     with threadpool_limits(limits=1, user_api="openmp"):
         return _cross_validate(number, candidate, X, y, schema, metric, n_folds, random_state,
-                               until, should_prune, repeats)
+                               stop_at, None if time_cap_s is None else stop_at, should_prune,
+                               repeats)
 
 
 def score_model(model, X: pd.DataFrame, y: pd.Series, metric: str, classes) -> float:
@@ -482,21 +501,21 @@ def score_model(model, X: pd.DataFrame, y: pd.Series, metric: str, classes) -> f
     return compute_metric(metric, y, model.predict(X), None, classes)
 
 
-def _cross_validate(number, candidate, X, y, schema, metric, n_folds, random_state, until,
-                    should_prune, repeats) -> TrialResult:
+def _cross_validate(number, candidate, X, y, schema, metric, n_folds, random_state, stop_at,
+                    cut_fits_at, should_prune, repeats) -> TrialResult:
     result = TrialResult(number, candidate, metric, [])
     started = time.monotonic()
     splitter = folds(schema.task, n_folds, random_state, repeats)
     last = splitter.get_n_splits() - 1
     for step, (train_idx, test_idx) in enumerate(splitter.split(X, y)):
-        if step > 0 and until is not None and time.monotonic() > until:
+        if step > 0 and stop_at is not None and time.monotonic() > stop_at:
             result.status = "deadline"  # (the first fold always runs: every trial has a score)
             break
         model = build_pipeline(schema, candidate.family, candidate.params, random_state)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                cut = fit_until(model, X.iloc[train_idx], y.iloc[train_idx], until)
+                cut = fit_until(model, X.iloc[train_idx], y.iloc[train_idx], cut_fits_at)
             result.scores.append(score_model(model, X.iloc[test_idx], y.iloc[test_idx], metric,
                                              schema.classes))
         except Exception as exc:  # a configuration that cannot fit loses; the search goes on
@@ -522,7 +541,7 @@ PRUNER_STARTUP_TRIALS = 4  # completed trials before any trial is pruned
 # A budget-only search gives each trial TPE proposes at most this share of the time it has
 # (from its start to its deadline), so that one slow configuration cannot hold a core for most
 # of the search: on ames (60 s budget, 2 cores) one boosting trial at learning rate 0.02 ran
-# 34 s of the 42 s and the search completed 7 trials. A trial cut there ranks below every
+# 34 s of the 42 s and the search completed 8 trials. A trial cut there ranks below every
 # completed one, and TPE is told it as pruned, so it proposes fewer like it. The families'
 # starting points are not capped: they are what every family's score rests on (on ames the
 # boosting one takes 10 s, and boosting wins there).

@@ -23,8 +23,9 @@ from tasks.errors import ConfigurationError
 from tasks.registry import alias_map, mlflow_client, read_alias_history
 from tasks.training import load_artifact_json
 from tasks.training import HOLDOUT_SHARE, N_FOLDS
-from tasks.training_search import (FAMILIES, FINAL_TREES, TRIAL_TIME_SHARE, Candidate, Search,
-                                   TrialResult, build_pipeline, check_families, choose_finalist,
+from tasks.training_search import (BOOSTING_CHUNK, FAMILIES, FINAL_TREES, TRIAL_TIME_SHARE,
+                                   Candidate, Search, TrialResult, build_pipeline,
+                                   check_families, choose_finalist,
                                    cross_validate, cv_repeats, family_finalists, final_params,
                                    fit_reproducibly, fit_until, forest_start_features,
                                    infer_schema, prepare_features, starting_candidates)
@@ -206,7 +207,8 @@ def test_a_search_that_has_not_converged_uses_its_budget(state_dir):
     # at least 80 % of the search's share is spent searching ...
     assert search.seconds >= 0.8 * search.budget_s, search
     # ... and no more than the share plus the fold a trial was in when the deadline passed
-    # (trials stop between folds; the refit, holdout and logging come after and are not cut)
+    # (a trial stops between folds, or within a boosting fit when it is one TPE proposed; the
+    # refit, holdout and logging come after and are not cut)
     longest_fold = max(row["seconds"] / max(row["folds"], 1) for row in result.leaderboard)
     assert search.seconds <= search.budget_s + longest_fold + 1.0, (search, longest_fold)
 
@@ -278,6 +280,24 @@ def test_a_boosting_fit_under_a_time_limit_predicts_as_one_fit_when_not_cut(chur
         whole = fit_reproducibly(build_pipeline(schema, "hist_gradient_boosting", params, 3), X, y)
         assert fit_until(chunked, X, y, until=time.monotonic() + 600) is False
     assert chunked.named_steps["model"].n_iter_ == whole.named_steps["model"].n_iter_ > 16
+    np.testing.assert_array_equal(chunked.predict_proba(X), whole.predict_proba(X))
+
+
+def test_a_boosting_fit_early_stopped_at_the_end_of_a_chunk_stops_there_under_a_limit():
+    """scikit-learn checks early stopping after each iteration but ends a fit that reached
+    max_iter without stopping: a stop due exactly where a chunk ends must still stop the fit."""
+    X_raw, labels = make_classification(n_samples=600, n_features=8, n_informative=3, flip_y=0.3,
+                                        random_state=5)
+    frame = pd.DataFrame(X_raw, columns=[f"x{i}" for i in range(8)])
+    frame["label"] = np.where(labels == 1, "yes", "no")
+    schema = infer_schema(frame, "label", "binary")
+    X, y = prepare_features(frame, schema), frame["label"]
+    params = {"learning_rate": 0.1, "n_iter_no_change": 4}  # stops at 16 with random_state 2
+    whole = fit_reproducibly(build_pipeline(schema, "hist_gradient_boosting", params, 2), X, y)
+    assert whole.named_steps["model"].n_iter_ == BOOSTING_CHUNK
+    chunked = build_pipeline(schema, "hist_gradient_boosting", params, 2)
+    assert fit_until(chunked, X, y, until=time.monotonic() + 600) is False
+    assert chunked.named_steps["model"].n_iter_ == BOOSTING_CHUNK
     np.testing.assert_array_equal(chunked.predict_proba(X), whole.predict_proba(X))
 
 
