@@ -319,15 +319,23 @@ def test_small_data_is_cross_validated_in_repeated_passes():
 
 
 def test_the_first_classification_forests_consider_sqrt_of_the_columns_at_each_split(churn):
-    """Breiman's default (scikit-learn's too): the search starts from decorrelated forests; a
-    regression search keeps its wider start."""
+    """Breiman's default (scikit-learn's too): the search starts from decorrelated forests with
+    leaves of a few rows (smoother class probabilities); a regression search keeps its wider
+    start and smaller leaves."""
     schema = infer_schema(churn, "churn", "binary")
-    search = Search("binary", "roc_auc", ["random_forest", "extra_trees"], random_state=0,
-                    batch_size=2, max_trials=2, deadline=None,
-                    encoded_columns=schema.encoded_columns)
-    first = {t.candidate.family: t.candidate.params["max_features"] for t in search.ask()}
+
+    def first_forests(task: str) -> dict:
+        search = Search(task, "roc_auc" if task == "binary" else "rmse",
+                        ["random_forest", "extra_trees"], random_state=0, batch_size=2,
+                        max_trials=2, deadline=None, encoded_columns=schema.encoded_columns)
+        return {t.candidate.family: (t.candidate.params["max_features"],
+                                     t.candidate.params["min_samples_leaf"])
+                for t in search.ask()}
+
     share = round(schema.encoded_columns ** -0.5, 3)
-    assert schema.encoded_columns > 4 and first == {"random_forest": share, "extra_trees": share}
+    assert schema.encoded_columns > 4
+    assert first_forests("binary") == {"random_forest": (share, 4), "extra_trees": (share, 4)}
+    assert first_forests("regression") == {"random_forest": (0.5, 2), "extra_trees": (0.7, 2)}
     # few columns: at most all of them; very many: at least a tenth
     assert forest_start_features("multiclass", 1) == (1.0, 1.0)
     assert forest_start_features("binary", 10_000) == (0.1, 0.1)
