@@ -44,6 +44,9 @@ class SearchSummary(BaseModel):
     trials: int
     completed: int
     pruned: int
+    cut: int = Field(0, description="trials stopped by the search's deadline or their time cap, "
+                                    "ranked on the folds they finished")
+    failed: int = Field(0, description="trials whose configuration could not be fit")
     stop_reason: str = Field(description="max_trials, converged or budget")
     seconds: float
     budget_s: float | None = Field(None, description="the search's share of time_budget_s; "
@@ -57,8 +60,10 @@ class SearchSummary(BaseModel):
             why = f"stopped at its budget of {self.budget_s:.1f} s"
         else:
             why = "stopped early: converged"
-        return (f"{self.trials} trials ({self.completed} complete, {self.pruned} pruned) in "
-                f"{self.seconds:.1f} s; {why}")
+        counts = [f"{self.completed} complete", f"{self.pruned} pruned"]
+        counts += [f"{n} {what}" for n, what in ((self.cut, "cut at the time limit"),
+                                                 (self.failed, "failed")) if n]
+        return f"{self.trials} trials ({', '.join(counts)}) in {self.seconds:.1f} s; {why}"
 
 
 class TrainResult(BaseModel):
@@ -260,10 +265,12 @@ def holdout_score(data: TrainingData, trial: TrialResult, random_state: int) -> 
 
 
 def summarize_search(search: Search, budget_s: float | None) -> SearchSummary:
+    statuses = [r.status for r in search.results]
     return SearchSummary(
-        trials=len(search.results), completed=sum(r.status == "complete" for r in search.results),
-        pruned=sum(r.status == "pruned" for r in search.results), stop_reason=search.stop_reason,
-        seconds=search.seconds, budget_s=budget_s, max_trials=search.max_trials)
+        trials=len(statuses), completed=statuses.count("complete"),
+        pruned=statuses.count("pruned"), cut=statuses.count("deadline"),
+        failed=statuses.count("error"), stop_reason=search.stop_reason, seconds=search.seconds,
+        budget_s=budget_s, max_trials=search.max_trials)
 
 
 def trial_row(r: TrialResult, choice: FamilyChoice) -> dict:
@@ -346,7 +353,8 @@ def refit_and_log(data: TrainingData, best: TrialResult, model_name: str,
                            "random_state": random_state, "n_train_rows": len(all_X)})
         mlflow.log_metrics({f"holdout_{k}": v for k, v in holdout.items()})
         mlflow.log_metrics({f"cv_{data.metric}": best.mean, "search_trials": search.trials,
-                            "search_pruned": search.pruned, "search_seconds": search.seconds})
+                            "search_pruned": search.pruned, "search_cut": search.cut,
+                            "search_seconds": search.seconds})
         mlflow.set_tags({
             "mlops.model_name": model_name, "mlops.target": data.schema.target,
             "mlops.task": data.schema.task, "mlops.metric": data.metric,

@@ -211,6 +211,11 @@ def test_a_search_that_has_not_converged_uses_its_budget(state_dir):
     # refit, holdout and logging come after and are not cut)
     longest_fold = max(row["seconds"] / max(row["folds"], 1) for row in result.leaderboard)
     assert search.seconds <= search.budget_s + longest_fold + 1.0, (search, longest_fold)
+    # the heading's counts add up to the leaderboard's rows, whatever stopped each trial
+    statuses = [row["status"] for row in result.leaderboard]
+    assert (search.completed, search.pruned, search.cut, search.failed) == tuple(
+        statuses.count(s) for s in ("complete", "pruned", "deadline", "error"))
+    assert search.trials == len(statuses)
 
 
 def test_a_budget_too_short_for_a_full_trial_still_yields_a_model(state_dir):
@@ -219,6 +224,10 @@ def test_a_budget_too_short_for_a_full_trial_still_yields_a_model(state_dir):
     [best] = [row for row in result.leaderboard if row["chosen"]]
     assert best["status"] in ("complete", "deadline") and best["folds"] >= 1
     assert result.family == best["family"] and 0.5 < result.score <= 1.0
+    # boosting's starting point cannot run its five folds in 0.35 s: the deadline cut it, and
+    # the search's heading says so
+    assert result.search.cut >= 1
+    assert f"{result.search.cut} cut at the time limit" in result.search.describe()
 
 
 def test_a_deadline_passed_before_the_search_began_still_runs_one_batch():
