@@ -15,7 +15,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 
-# end-to-end files that start a stack of their own (the others share the session's SQLite stack)
+# end-to-end files that start a stack of their own (the others share one SQLite stack)
 OWN_STACK_FILES = ("tests/e2e/test_postgres_stack.py", "tests/e2e/test_fault_worker_killed.py")
 
 
@@ -23,7 +23,7 @@ OWN_STACK_FILES = ("tests/e2e/test_postgres_stack.py", "tests/e2e/test_fault_wor
 def pytest_xdist_make_scheduler(config, log):
     """`make test` runs `-n 2 --dist loadfile`: one test file per worker at a time, so module
     fixtures (trained models) are built once. Every end-to-end file counts as one file here: they
-    share the session-scoped stack, which a second worker would start again, and go first (the
+    share one stack (package scope), which a second worker would start again, and go first (the
     longest unit; xdist would order it by its number of tests). (xdist's own
     `loadgroup` cannot do this under pytest 9: it renames node ids, which pytest 9 no longer
     lets a plugin do.)"""

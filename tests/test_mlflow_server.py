@@ -1,7 +1,7 @@
 """The flows against a REAL `mlflow server` (what `make up` runs), not the embedded SQLite store.
 
-Two session-scoped servers on loopback: one on SQLite, one on PostgreSQL (one database per session:
-both servers run all their migrations on a new database). Both proxy artifacts (`--serve-artifacts`), so the flows upload and download every
+Two servers on loopback for this file: one on SQLite, one on PostgreSQL (a new database, so both
+servers run all their migrations). Both proxy artifacts (`--serve-artifacts`), so the flows upload and download every
 artifact over HTTP. A saved `MLflowConfig` document named "default" points the flows at a server;
 it is deleted after each test so other tests get the embedded default again.
 """
@@ -89,7 +89,7 @@ def start_mlflow_server(backend_uri: str, backend: str, workdir: Path,
                         process=process)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def mlflow_server_sqlite(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mlflow-sqlite")
     server = start_mlflow_server(f"sqlite:///{workdir / 'mlflow.db'}", "sqlite", workdir)
@@ -97,7 +97,7 @@ def mlflow_server_sqlite(tmp_path_factory):
     stop_process_group(server.process)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def mlflow_server_postgres(tmp_path_factory):
     require_postgres()
     import psycopg2

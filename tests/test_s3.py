@@ -63,7 +63,7 @@ def start_moto(workdir: Path) -> tuple[subprocess.Popen, str]:
     return process, endpoint
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
     """moto_server on a free loopback port, with one bucket holding churn.csv and churn.parquet."""
     process, endpoint = start_moto(tmp_path_factory.mktemp("moto"))

@@ -1,10 +1,12 @@
 """The real local stack for end-to-end tests, brought up and down by the scripts `make up` and
 `make down` run (deployments/up.sh, deployments/down.sh), so the documented path is the tested path.
 
-One stack per session (each costs minutes to start): Prefect server + UI, MLflow server, the `mlops`
-work pool with a process worker, every deployment of prefect.yaml. Free loopback ports, a temporary
-stack folder, SQLite backends; a second, PostgreSQL-backed stack (one database per server per
-session, dropped at teardown) for the tests that ask for it.
+One SQLite stack for the end-to-end files that share it (each stack costs about a minute of CPU to
+start): Prefect server + UI, MLflow server, the `mlops` work pool with a process worker, every
+deployment of prefect.yaml. Free loopback ports, a temporary stack folder, SQLite backends; a
+second, PostgreSQL-backed stack (one database per server, dropped at teardown) for the file that
+asks for it. Each stack stops when the tests using it are done (package / module scope), not at
+the end of the session: an idle stack still burns ~7 % of a core (its worker polls every second).
 
 The CLI calls run as a user's shell would after `make up`: no PREFECT_API_URL in the environment,
 the Prefect profile that up.sh activated (in a temporary profiles file, never ~/.prefect), and a
@@ -168,16 +170,17 @@ def running_stack(tmp: Path, **settings: str) -> Iterator[Stack]:
             f"down.sh did not restore the Prefect profiles:\n{profiles.read_text()}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory) -> Iterator[Stack]:
-    """The session's stack on SQLite (what `make up` gives a user by default)."""
+    """The stack on SQLite (what `make up` gives a user by default), shared by the end-to-end
+    files that tests/conftest.py schedules together; it stops when the run leaves tests/e2e."""
     with running_stack(tmp_path_factory.mktemp("e2e-sqlite")) as s:
         yield s
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pg_stack(tmp_path_factory) -> Iterator[Stack]:
-    """The session's stack in the production profile (`make up PROFILE=production`): Prefect,
+    """The stack in the production profile (`make up PROFILE=production`): Prefect,
     MLflow and the A/B store on PostgreSQL (one fresh database each, dropped at teardown),
     artifacts, exports, scored batches and Prefect results on the profile's moto S3 server."""
     require_postgres()

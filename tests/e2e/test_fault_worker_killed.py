@@ -61,7 +61,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
 def champion(own_stack, data) -> int:
     """MODEL v1, champion, through the deployment; the model's RetrainingPolicy document."""
     assert_completed(own_stack, own_stack.run_deployment("train-model/default", {
-        "data": str(data["old"]), "target": "churn", "model_name": MODEL, "time_budget_s": 4}))
+        "data": str(data["old"]), "target": "churn", "model_name": MODEL, "time_budget_s": 4,
+        "max_trials": 2}))
     assert aliases(own_stack, MODEL) == {"champion": 1}
     save_policy(own_stack, document_name(MODEL), training_data=str(data["labelled"]),
                 target="churn", slot_lease_s=LEASE_S)

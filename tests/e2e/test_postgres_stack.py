@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_stack import BUDGET_S, aliases, assert_completed
+from tests.e2e.test_stack import BUDGET_S, TRIALS, aliases, assert_completed
 
 pytestmark = pytest.mark.e2e
 
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.e2e
 def test_train_on_the_postgresql_stack(pg_stack, churn_csv):
     model = "e2e_churn_pg"
     proc = pg_stack.run_deployment("train-model/default", {
-        "data": str(churn_csv), "target": "churn", "model_name": model, "time_budget_s": BUDGET_S})
+        "data": str(churn_csv), "target": "churn", "model_name": model, "time_budget_s": BUDGET_S,
+        "max_trials": TRIALS})
     assert_completed(pg_stack, proc)
     assert aliases(pg_stack, model) == {"champion": 1}
 
@@ -126,9 +127,10 @@ def test_a_worker_in_another_folder_and_home_shares_every_store(pg_stack, churn_
             cwd=elsewhere, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         run_remotely("train-model", {"data": str(churn_csv), "target": "churn",
-                                     "model_name": model, "time_budget_s": BUDGET_S})
+                                     "model_name": model, "time_budget_s": BUDGET_S,
+                                     "max_trials": TRIALS})
         run_remotely("retrain-model", {"model_name": model, "data": str(fresh), "target": "churn",
-                                       "max_trials": 2, "time_budget_s": BUDGET_S})
+                                       "max_trials": TRIALS, "time_budget_s": BUDGET_S})
         held = aliases(pg_stack, model)
         run_remotely("create-ab-test", {"model_name": model,
                                         "champion_version": held["champion"],

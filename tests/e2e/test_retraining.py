@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from tasks.retraining_rules import RetrainResult
 from tests.e2e.conftest import ROOT, Stack
-from tests.e2e.test_stack import aliases, api, assert_completed, request
+from tests.e2e.test_stack import TRIALS, aliases, api, assert_completed, request
 
 pytestmark = pytest.mark.e2e
 
@@ -139,7 +139,7 @@ def champion(stack, churn_files) -> int:
         "up.sh did not register the RetrainingPolicy block type (prefect block register -m blocks)")
     proc = stack.run_deployment("train-model/default", {
         "data": str(churn_files["old"]), "target": "churn", "model_name": MODEL,
-        "time_budget_s": BUDGET_S})
+        "time_budget_s": BUDGET_S, "max_trials": TRIALS})
     assert_completed(stack, proc)
     assert aliases(stack, MODEL) == {"champion": 1}
     return 1
@@ -148,7 +148,7 @@ def champion(stack, churn_files) -> int:
 # --------------------------------------------------------------------------- tests
 def test_drift_event_triggers_a_retraining(stack, churn_files, champion):
     save_policy(stack, DOCUMENT, training_data=str(churn_files["labelled"]), target="churn",
-                cooldown_hours=0, min_new_rows=50, time_budget_s=BUDGET_S)
+                cooldown_hours=0, min_new_rows=50, time_budget_s=BUDGET_S, max_trials=TRIALS)
     since = datetime.now(timezone.utc)
 
     proc = stack.run_deployment("check-drift/default", {"model_name": MODEL,
@@ -221,7 +221,7 @@ def test_manual_check_respects_the_cooldown_and_history_deployment_reads_it(stac
     assert before, "runs after test_drift_event_triggers_a_retraining (needs its retraining)"
     save_policy(stack, DOCUMENT, training_data=str(churn_files["grown"]), target="churn",
                 cooldown_hours=6, min_new_rows=50, max_model_age_days=1e-6,
-                time_budget_s=BUDGET_S)
+                time_budget_s=BUDGET_S, max_trials=TRIALS)
     held = aliases(stack, MODEL)
 
     proc = stack.run_deployment("retraining-check/default",
@@ -257,7 +257,7 @@ def test_scheduled_check_without_labelled_data_completes_and_says_what_to_config
     # a champion, and nothing configured to retrain it on (a fresh stack's nightly check)
     assert_completed(stack, stack.run_deployment("train-model/default", {
         "data": str(churn_files["old"]), "target": "churn", "model_name": UNLABELLED_MODEL,
-        "time_budget_s": BUDGET_S}))
+        "time_budget_s": BUDGET_S, "max_trials": TRIALS}))
 
     proc = stack.run_deployment("retraining-check/default",
                                 {"model_name": UNLABELLED_MODEL, "trigger": "schedule"})

@@ -1,4 +1,4 @@
-"""Several process workers on `ml-retraining-queue` (the session's stack, tests/e2e/conftest.py,
+"""Several process workers on `ml-retraining-queue` (the shared SQLite stack, tests/e2e/conftest.py,
 plus a second worker this test starts the way deployments/up.sh starts its own).
 
 What a production owner relies on: a flow run is executed by exactly one worker; one model's
@@ -124,7 +124,7 @@ def test_one_model_never_retrains_twice_at_once_and_two_models_retrain_in_parall
         stack, data, second_worker, champions):
     # A long retraining of SLOW, holding its slot ...
     slow = start_run(stack, "retrain-model/default", model_name=SLOW, data=str(data["labelled"]),
-                     target="churn", time_budget_s=30, max_trials=60)
+                     target="churn", time_budget_s=20, max_trials=60)
     deadline = time.monotonic() + 180
     while not any(c["name"] == slot_name(SLOW) and c["active_slots"] == 1
                   for c in api(stack, "/v2/concurrency_limits/filter", {})):

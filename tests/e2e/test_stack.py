@@ -20,6 +20,8 @@ DEPLOYMENTS = {
     "mlops-lifecycle/default",
 }
 BUDGET_S = 4  # training time budget per run: the flow's own overhead dominates anyway
+TRIALS = 2    # max_trials of the trainings whose subject is not the search (a budget's worth of
+              # trials would cost CPU the whole suite shares)
 
 
 def request(stack: Stack, method: str, path: str, body: dict | None = None) -> httpx.Response:
@@ -98,7 +100,7 @@ def test_bad_parameter_is_rejected_before_a_run_exists(stack, churn_csv):
 def test_train_promote_rollback_through_deployments(stack, churn_csv):
     model = "e2e_churn"
     train = {"data": str(churn_csv), "target": "churn", "model_name": model,
-             "time_budget_s": BUDGET_S}
+             "time_budget_s": BUDGET_S, "max_trials": TRIALS}
 
     assert_completed(stack, stack.run_deployment("train-model/default", train))
     assert aliases(stack, model) == {"champion": 1}
