@@ -1,8 +1,8 @@
 """The flows against a REAL `mlflow server` (what `make up` runs), not the embedded SQLite store.
 
 Two servers on loopback for this file: one on SQLite, one on PostgreSQL (a new database, so both
-servers run all their migrations). Both proxy artifacts (`--serve-artifacts`), so the flows upload and download every
-artifact over HTTP. A saved `MLflowConfig` document named "default" points the flows at a server;
+servers run all their migrations). Both proxy artifacts (`--serve-artifacts`), so the flows upload
+and download every artifact over HTTP. A saved `MLflowConfig` document named "default" points the flows at a server;
 it is deleted after each test so other tests get the embedded default again.
 """
 from __future__ import annotations

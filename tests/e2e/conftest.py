@@ -1,9 +1,9 @@
 """The real local stack for end-to-end tests, brought up and down by the scripts `make up` and
 `make down` run (deployments/up.sh, deployments/down.sh), so the documented path is the tested path.
 
-One SQLite stack for the end-to-end files that share it (each stack costs about a minute of CPU to
-start): Prefect server + UI, MLflow server, the `mlops` work pool with a process worker, every
-deployment of prefect.yaml. Free loopback ports, a temporary stack folder, SQLite backends; a
+One SQLite stack for the end-to-end files that share it (a stack takes 40-90 s to start): Prefect
+server + UI, MLflow server, the `mlops` work pool with a process worker, every deployment of
+prefect.yaml. Free loopback ports, a temporary stack folder, SQLite backends; a
 second, PostgreSQL-backed stack (one database per server, dropped at teardown) for the file that
 asks for it. Each stack stops when the tests using it are done (package / module scope), not at
 the end of the session: an idle stack still burns ~7 % of a core (its worker polls every second).
