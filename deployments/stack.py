@@ -209,6 +209,14 @@ def save_mlflow_config(tracking_uri: str) -> None:
 CRASH_AUTOMATION = "mlops: mark flow runs without heartbeats Crashed"
 
 
+def _comparable(automation) -> dict:
+    """An automation as JSON, its trigger's event sets sorted (their order varies by process)."""
+    dumped = automation.model_dump(mode="json")
+    for key in ("after", "expect", "for_each"):
+        dumped["trigger"][key] = sorted(dumped["trigger"][key])
+    return dumped
+
+
 def crash_automation(heartbeat_seconds: str) -> None:
     """Create or update the automation that marks a flow run Crashed when its heartbeats stop.
 
@@ -251,7 +259,14 @@ def crash_automation(heartbeat_seconds: str) -> None:
         wanted.create()
         print(f"automation {CRASH_AUTOMATION!r} created (no heartbeat for {within} s -> Crashed)")
     else:
+        # Updated only when it changed: the server keeps each silent run's window under the
+        # trigger, and an update replaces the trigger (a new id), forgetting those windows. A run
+        # whose worker died just before this `make up` would then stay Running forever.
         wanted.id = existing.id
+        if _comparable(wanted) == _comparable(existing):
+            print(f"automation {CRASH_AUTOMATION!r} unchanged (no heartbeat for {within} s -> "
+                  "Crashed)")
+            return
         wanted.update()
         print(f"automation {CRASH_AUTOMATION!r} updated (no heartbeat for {within} s -> Crashed)")
 

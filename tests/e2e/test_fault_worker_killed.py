@@ -3,8 +3,9 @@
 A stack of its own (it kills its worker): deployments/up.sh on free ports. What a production owner
 relies on afterwards: the run is marked Crashed (flow-run heartbeats + the automation up.sh
 creates), the model's retraining slot frees within its lease (RetrainingPolicy.slot_lease_s), the
-champion did not move, `make up` brings a worker back, and a rerun succeeds with exactly one new
-version; the registry audit is clean. The same stack's Prefect server is also restarted under a
+champion did not move, `make up` run right after the kill brings a worker back (without resetting
+the crash detection), and a rerun succeeds with exactly one new version; the registry audit is
+clean. The same stack's Prefect server is also restarted under a
 running retraining (fault 5): the run ends Completed or Crashed, its slot frees, one version.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +25,7 @@ from mlflow import MlflowClient
 from blocks.retraining_policy import document_name
 from tasks.registry import model_slug
 from tasks.retraining import slot_name
-from tests.e2e.conftest import UP_TIMEOUT_S, Stack, _script, running_stack
+from tests.e2e.conftest import ROOT, UP_TIMEOUT_S, Stack, _script, running_stack
 from tests.e2e.test_retraining import artifact, flow_run, run_logs, save_policy
 from tests.e2e.test_stack import aliases, api, assert_completed
 
@@ -123,19 +125,26 @@ def test_a_killed_worker_crashes_the_run_frees_the_slot_and_a_rerun_makes_one_ve
     except ProcessLookupError:
         pass
 
-    crashed = wait_for("the killed run is marked Crashed",
-                       lambda: (lambda r: r if r["state_type"] == "CRASHED" else None)(
-                           flow_run(stack, run_id)), CRASHED_WITHIN_S, every_s=2)
-    crashed_after = time.monotonic() - killed_at
-    assert "heartbeat" in (crashed["state"]["message"] or ""), crashed["state"]
-    wait_for("the model's retraining slot frees", lambda: (slot(stack) or {}).get(
-        "active_slots") == 0, LEASE_S + 60, every_s=2)
-    freed_after = time.monotonic() - killed_at
-    assert aliases(stack, MODEL) == {"champion": champion} and versions(stack) == [champion]
-
-    # `make up` again: the dead worker is started anew; the rerun goes through.
-    up = _script("up.sh", stack.env, UP_TIMEOUT_S)
-    assert up.returncode == 0, up.stdout + up.stderr
+    # `make up` at once, as an operator would: the dead worker is started anew while the server is
+    # still waiting for the killed run's heartbeats. Re-applying the configuration must not
+    # reset that wait (the crash automation keeps its trigger), or the run stays Running forever.
+    restart = subprocess.Popen(["bash", str(ROOT / "deployments" / "up.sh")], cwd=ROOT,
+                               env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        crashed = wait_for("the killed run is marked Crashed",
+                           lambda: (lambda r: r if r["state_type"] == "CRASHED" else None)(
+                               flow_run(stack, run_id)), CRASHED_WITHIN_S, every_s=2)
+        crashed_after = time.monotonic() - killed_at
+        assert "heartbeat" in (crashed["state"]["message"] or ""), crashed["state"]
+        wait_for("the model's retraining slot frees", lambda: (slot(stack) or {}).get(
+            "active_slots") == 0, LEASE_S + 60, every_s=2)
+        freed_after = time.monotonic() - killed_at
+        assert aliases(stack, MODEL) == {"champion": champion} and versions(stack) == [champion]
+    finally:  # never leave up.sh running into the teardown's down.sh
+        restarted, _ = restart.communicate(timeout=UP_TIMEOUT_S)
+    # the worker `make up` started takes the rerun
+    assert restart.returncode == 0, restarted
     rerun = stack.run_deployment("retrain-model/default", {
         "model_name": MODEL, "data": str(data["labelled"]), "target": "churn",
         "time_budget_s": 30, "max_trials": 4})
