@@ -293,13 +293,16 @@ def test_a_policy_channel_without_its_settings_is_refused_before_the_check(churn
 
 
 # --------------------------------------------------------------------------- profile_model
-def test_a_version_without_a_profile_says_how_to_create_one(churn):
+def test_a_version_without_a_profile_says_how_to_create_one(churn, tmp_path):
     legacy = "legacy_churn"
     rows = churn.frame.dropna()
     X = rows[["tenure", "monthly_charges"]].astype("float64")
     model = LogisticRegression().fit(X, rows["churn"])
-    mlflow_client()
-    with mlflow.start_run() as run:
+    client = mlflow_client()
+    # trained outside mlops-flows, in the user's own experiment (not MLflow's Default, whose
+    # artifacts would land in the working folder)
+    own = client.create_experiment("legacy-team", artifact_location=(tmp_path / "legacy").as_uri())
+    with mlflow.start_run(experiment_id=own) as run:
         mlflow.sklearn.log_model(model, name="model", signature=infer_signature(X, model.predict(X)),
                                  pip_requirements=["scikit-learn"])
     version = register_model(legacy, run_id=run.info.run_id).version
@@ -313,8 +316,12 @@ def test_a_version_without_a_profile_says_how_to_create_one(churn):
     info = profile_model(legacy, version, rows)
     assert info.features == {"tenure": "numeric", "monthly_charges": "numeric"}  # the signature's
     assert info.n_rows == len(rows) and not info.replaced and not info.importances
-    tags = mlflow_client().get_model_version(legacy, str(version)).tags
+    tags = client.get_model_version(legacy, str(version)).tags
     assert tags[PROFILE_RUN_TAG] == info.run_id
+    # the profile is kept beside the model, in the version's own experiment
+    profile_run = client.get_run(info.run_id)
+    assert profile_run.info.experiment_id == own
+    assert profile_run.info.artifact_uri.startswith((tmp_path / "legacy").as_uri())
     report = check_drift(legacy, str(churn.drifted), version=version)
     assert report.drifted and report.weighting == "equal" and report.n_reference == len(rows)
     assert [f.name for f in report.features if f.drifted][0] == "tenure"
