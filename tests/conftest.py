@@ -57,6 +57,20 @@ def prefect_api():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def checkout_stays_clean():
+    """The suite writes nothing into the checkout. MLflow's Default experiment keeps its artifacts
+    in ./mlruns of the working folder (the project root here, git-ignored, so it goes unseen): a
+    test logging a model of its own uses an experiment with a location under its state folder."""
+    mlruns = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mlruns")
+    there_before = os.path.exists(mlruns)
+    yield
+    assert there_before or not os.path.exists(mlruns), (
+        f"the tests wrote MLflow artifacts into {mlruns}: a run went to MLflow's Default "
+        "experiment; start it in resolve_mlflow_config().ensure_experiment() (or an experiment "
+        "with an artifact location under tmp_path) instead")
+
+
 @pytest.fixture(scope="session")
 def mlflow_template_db(tmp_path_factory):
     """An MLflow SQLite store with every migration applied, made once: a fresh store costs ~1.5 s

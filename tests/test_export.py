@@ -24,13 +24,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from blocks.mlflow_config import resolve_mlflow_config
 from flows.export import download_export, export_model, lifecycle_step
 from flows.training import train_model
 from tasks.demo_data import churn_frame
 from tasks.errors import DataError, ModelNotFoundError, VersionNotFoundError
 from tasks.export.base import ExportError
 from tasks.export.steps import read_manifest
-from tasks.registry import mlflow_client
 
 from tests.servers import free_port
 
@@ -260,8 +260,8 @@ def test_a_model_onnx_cannot_carry_is_unsupported_with_the_reason(models, home):
                              ("num", "passthrough", schema.numeric)], verbose_feature_names_out=False)
     model = Pipeline([("preprocess", pre), ("model", HistGradientBoostingClassifier(
         max_iter=20, categorical_features=list(range(len(schema.categorical)))))]).fit(X, frame["churn"])
-    mlflow_client()
-    with mlflow.start_run() as run:
+    # the project's experiment: MLflow's Default one keeps artifacts in the working folder
+    with mlflow.start_run(experiment_id=resolve_mlflow_config().ensure_experiment()) as run:
         mlflow.log_dict(schema.to_dict(), "mlops/schema.json")
         trusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))  # reviewed: this test's
         mlflow.sklearn.log_model(model, name="model", skops_trusted_types=trusted,
