@@ -29,7 +29,7 @@ from tasks.errors import DataError
 from tasks.registry import mlflow_client
 from tests.servers import free_port, stop_process_group, wait_until_answers
 
-FAST = dict(time_budget_s=8, candidates=["linear", "random_forest"], max_trials=2)
+FAST = dict(time_budget_s=8, candidates=["linear"], max_trials=1)
 SERVER_START_TIMEOUT_S = 60
 MOTO_BIN = Path(sys.executable).parent / "moto_server"
 ACCESS_KEY, SECRET_KEY, REGION = "mlops-test", "mlops-test-secret", "us-east-1"
