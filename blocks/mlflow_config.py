@@ -90,6 +90,13 @@ class MLflowConfig(Block):
             if mlflow.get_registry_uri() != registry:
                 mlflow.set_registry_uri(registry)
 
+    def location_for(self, experiment_name: str) -> str | None:
+        """The artifact location of a new experiment: under `artifact_location` when one is set,
+        else None (the server's default; on a local store, ./mlruns of the working folder)."""
+        if not self.artifact_location:
+            return None
+        return f"{self.artifact_location.rstrip('/')}/{experiment_name}"
+
     def ensure_experiment(self) -> str:
         """The experiment's id, created (with this config's artifact location) if absent."""
         import mlflow
@@ -98,11 +105,9 @@ class MLflowConfig(Block):
         found = mlflow.get_experiment_by_name(self.experiment_name)
         if found is not None:
             return found.experiment_id
-        location = None
-        if self.artifact_location:
-            location = f"{self.artifact_location.rstrip('/')}/{self.experiment_name}"
         try:
-            return mlflow.create_experiment(self.experiment_name, artifact_location=location)
+            return mlflow.create_experiment(
+                self.experiment_name, artifact_location=self.location_for(self.experiment_name))
         except mlflow.exceptions.MlflowException:
             # created meanwhile by a concurrent run
             return mlflow.get_experiment_by_name(self.experiment_name).experiment_id

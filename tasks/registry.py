@@ -247,6 +247,16 @@ def _history_runs(client: MlflowClient, model, include_deleted: bool = True) -> 
             return runs
 
 
+def _location_for(client: MlflowClient, experiment_name: str) -> str | None:
+    """Where a new experiment of CLIENT's store keeps its artifacts: under the configuration's
+    artifact_location when CLIENT is on the configuration in force, like the training experiment
+    (else the store's default, which on a local store is ./mlruns of the working folder)."""
+    config = resolve_mlflow_config()
+    if client.tracking_uri != config.tracking_uri:
+        return None
+    return config.location_for(experiment_name)
+
+
 def _history_run_id(client: MlflowClient, model, fresh: bool = False) -> str:
     """The id of the model's history run: created with the registered model (by register), or
     by the first move of a model registered before history runs existed."""
@@ -260,8 +270,9 @@ def _history_run_id(client: MlflowClient, model, fresh: bool = False) -> str:
         experiment = client.get_experiment_by_name(HISTORY_EXPERIMENT)
         if experiment is None:
             try:
-                experiment_id = client.create_experiment(HISTORY_EXPERIMENT,
-                                                         tags={"mlops.kind": HISTORY_KIND})
+                experiment_id = client.create_experiment(
+                    HISTORY_EXPERIMENT, tags={"mlops.kind": HISTORY_KIND},
+                    artifact_location=_location_for(client, HISTORY_EXPERIMENT))
             except MlflowException:  # created meanwhile by a concurrent move
                 experiment_id = client.get_experiment_by_name(HISTORY_EXPERIMENT).experiment_id
         else:

@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 from flows.training import SEARCH_SHARE, train_model
 from tasks.demo_data import churn_frame
 from tasks.errors import ConfigurationError
-from tasks.registry import alias_map, mlflow_client, read_alias_history
+from tasks.registry import HISTORY_EXPERIMENT, alias_map, mlflow_client, read_alias_history
 from tasks.training import load_artifact_json
 from tasks.training import HOLDOUT_SHARE, N_FOLDS
 from tasks.training_search import (BOOSTING_CHUNK, FAMILIES, FINAL_TREES, TRIAL_TIME_SHARE,
@@ -75,6 +75,9 @@ def test_first_version_is_champion_with_everything_stored(state_dir, churn, tmp_
     assert len(holdout) == 300 and "churn" in holdout.columns
     history = read_alias_history(client, "customer_churn")
     assert history[-1]["alias"] == "champion" and history[-1]["to"] == 1
+    # the history's experiment keeps its artifacts beside the training's, not in ./mlruns
+    assert client.get_experiment_by_name(HISTORY_EXPERIMENT).artifact_location == (
+        state_dir / "mlartifacts" / HISTORY_EXPERIMENT).as_uri()
 
     # the registered model predicts on raw columns, unseen categories included
     model = mlflow.sklearn.load_model("models:/customer_churn@champion")
