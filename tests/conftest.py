@@ -5,6 +5,7 @@ import os
 import shutil
 import socket
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -13,6 +14,8 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 import pytest
 from prefect.testing.utilities import prefect_test_harness
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
 
 
 # end-to-end files that start a stack of their own (the others share one SQLite stack)
@@ -62,10 +65,10 @@ def checkout_stays_clean():
     """The suite writes nothing into the checkout. MLflow's Default experiment keeps its artifacts
     in ./mlruns of the working folder (the project root here, git-ignored, so it goes unseen): a
     test logging a model of its own uses an experiment with a location under its state folder."""
-    mlruns = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mlruns")
-    there_before = os.path.exists(mlruns)
+    mlruns = ROOT / "mlruns"
+    there_before = mlruns.exists()
     yield
-    assert there_before or not os.path.exists(mlruns), (
+    assert there_before or not mlruns.exists(), (
         f"the tests wrote MLflow artifacts into {mlruns}: a run went to MLflow's Default "
         "experiment; start it in resolve_mlflow_config().ensure_experiment() (or an experiment "
         "with an artifact location under tmp_path) instead")
@@ -111,8 +114,7 @@ def fresh_postgres_database(prefix: str) -> Iterator[str]:
 
     require_postgres()
     url = f"postgresql://postgres@127.0.0.1:5432/{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    stack = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)),
-                                          "deployments", "stack.py")]
+    stack = [sys.executable, str(ROOT / "deployments" / "stack.py")]
     made = subprocess.run([*stack, "ensure-db", url], capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     try:

@@ -18,6 +18,7 @@ from flows.training import train_model
 from tasks.demo_data import churn_frame
 from tasks.errors import InvalidModelNameError, ModelNotFoundError
 from tasks.registry import mlflow_client
+from tests.conftest import ROOT
 from tests.test_registry import log_tiny_model
 
 FAST = dict(time_budget_s=5, candidates=["linear"], max_trials=1)
@@ -104,7 +105,7 @@ def test_unknown_or_invalid_model_names_are_refused(state_dir):
 
 
 def test_the_audit_has_a_deployment_on_the_retraining_queue():
-    config = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     [deployment] = [d for d in config["deployments"]
                     if d["entrypoint"] == "flows/registry.py:audit_registry"]
     assert deployment["name"] == "default"

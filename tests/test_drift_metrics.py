@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -44,8 +43,8 @@ from tasks.drift_metrics import (
     wasserstein_from_sketch,
     wasserstein_raw,
 )
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 ALPHA = 0.05
 CAT_P = np.array([0.30, 0.25, 0.20, 0.15, 0.07, 0.03])
 CAT_NAMES = ["a", "b", "c", "d", "e", "f"]

@@ -20,9 +20,9 @@ from tasks.export.base import ExportSubject, load_exporter
 from tasks.export.core import export_format, sklearn_reference
 from tasks.export.parity import BOUNDS
 from tasks.training_search import build_pipeline, infer_schema, prepare_features
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
-ROOT = Path(__file__).resolve().parents[1]
 
 # small, fast members of each family (the structure is what matters, not the size)
 FAMILIES = {

@@ -27,6 +27,7 @@ from tasks.export.core import export_format, sha256_file, sklearn_reference
 from tasks.export.latency import measure
 from tasks.export.parity import BOUNDS, bound_for, compare
 from tasks.training_search import build_pipeline, infer_schema, prepare_features
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
@@ -103,7 +104,7 @@ def test_importing_the_export_flow_imports_no_converter():
             "[load_exporter(f) for f in FORMATS]\n"
             f"print([m for m in {heavy!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
 

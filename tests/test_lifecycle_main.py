@@ -11,9 +11,9 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from flows.lifecycle import library_output_to
+from tests.conftest import ROOT
 from tests.servers import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_demo_uses_embedded_defaults_and_keeps_library_chatter_in_its_log(tmp_path):

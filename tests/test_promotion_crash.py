@@ -17,10 +17,10 @@ from flows.registry import audit_registry, register_model
 from flows.retraining import retrain_model
 from tasks.registry import alias_map, mlflow_client, read_alias_history
 from tasks.retraining import read_promotion_intent
+from tests.conftest import ROOT
 from tests.test_registry import log_tiny_model
 from tests.test_retraining_flows import base, model, save_policy  # noqa: F401 (fixtures)
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMOTE_THEN_HANG = textwrap.dedent("""
     import sys, time
     from prefect import flow

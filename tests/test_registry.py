@@ -5,7 +5,6 @@ import json
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -24,6 +23,7 @@ from tasks.errors import (InvalidModelNameError, ModelNotFoundError, RegistryErr
 from tasks.registry import (CHAMPION_EXPORTED_AT_TAG, EXPORTED_AT_TAG, EXPORTS_INDEXED_TAG,
                             HISTORY_TAG, AliasMove, alias_map, apply_retention, mlflow_client,
                             promote, promote_alias)
+from tests.conftest import ROOT
 
 
 def log_tiny_model(accuracy: float = 0.9, C: float = 1.0) -> str:
@@ -308,7 +308,7 @@ def test_alias_history_explains_its_parameter_and_has_a_deployment(state_dir):
     assert isinstance(AliasMove.model_fields["kind"].description, str)
     with pytest.raises(ModelNotFoundError, match="no registered model named 'nope'"):
         alias_history("nope")
-    config = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     [deployment] = [d for d in config["deployments"]
                     if d["entrypoint"] == "flows/registry.py:alias_history"]
     assert deployment["name"] == "default"

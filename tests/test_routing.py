@@ -25,8 +25,8 @@ from tasks.routing import (
     is_challenger,
     route,
 )
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 N_KEYS = 200_000
 
 

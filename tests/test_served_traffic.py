@@ -18,6 +18,7 @@ from tasks.data import load_table
 from tasks.errors import ConfigurationError, DataError
 from tasks.served_traffic import (ServedTrafficSampler, load_served, load_served_ref,
                                   parse_window, served_counts, served_engine, served_table)
+from tests.conftest import ROOT
 
 
 def rows(n: int, start: int = 0) -> pd.DataFrame:
@@ -342,14 +343,12 @@ def test_service_workers_starting_together_on_a_fresh_postgres_store_all_start(t
     import sys
 
     from tests.conftest import fresh_postgres_database
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
     with fresh_postgres_database("mlops_served_start") as url:
         barrier = tmp_path / "barrier"
         barrier.mkdir()
         workers = [subprocess.Popen([sys.executable, "-c", STARTING_WORKER, url, str(barrier),
-                                     str(i), "4"], cwd=root, stderr=subprocess.PIPE, text=True)
+                                     str(i), "4"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
                    for i in range(4)]
         errors = [w.communicate(timeout=120)[1] for w in workers]
         assert [w.returncode for w in workers] == [0, 0, 0, 0], "\n".join(e[-1500:] for e in errors)

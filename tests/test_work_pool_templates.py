@@ -10,11 +10,11 @@ import os
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 TEMPLATE = ROOT / "deployments" / "kubernetes" / "base-job-template.json"
 
 

@@ -27,10 +27,9 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import require_postgres
+from tests.conftest import ROOT, require_postgres
 from tests.servers import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 UP_TIMEOUT_S = 480      # up.sh itself waits at most MLOPS_START_TIMEOUT for each service; the
                         # production profile's S3 server and blocks add to a loaded machine's ~250 s
 DOWN_TIMEOUT_S = 120
