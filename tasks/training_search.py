@@ -34,7 +34,7 @@ from tasks.errors import ConfigurationError, DataError
 
 FAMILIES = ("linear", "random_forest", "extra_trees", "hist_gradient_boosting")
 MAX_VOCABULARY = 200  # categories kept per column in the stored schema
-IMPORTANCE_BATCH_ROWS = 60_000  # permuted rows predicted in one call (permutation importances)
+IMPORTANCE_BATCH_CELLS = 2_000_000  # cells of permuted copies predicted in one call (importances)
 
 
 # --------------------------------------------------------------------------- schema
@@ -801,7 +801,8 @@ def warnings_ignored():
 
 
 def permutation_importance_by_column(model, X: pd.DataFrame, y: pd.Series, task: str,
-                                     random_state: int, n_repeats: int = 2) -> dict[str, float]:
+                                     random_state: int, n_repeats: int = 2,
+                                     batch_cells: int = IMPORTANCE_BATCH_CELLS) -> dict[str, float]:
     """Importance of each raw input column (drop in the score when it is shuffled), normalised to
     sum to 1, so drift can weight features the model relies on.
 
@@ -809,7 +810,8 @@ def permutation_importance_by_column(model, X: pd.DataFrame, y: pd.Series, task:
     RMSE for regression) with this `random_state`, but the permuted copies of X are stacked and
     predicted in a few calls instead of one call per column and repeat: on the few hundred rows
     used here a pipeline's fixed cost per `predict` call was most of the time (0.8 of a small
-    training's 3.6 CPU-seconds)."""
+    training's 3.6 CPU-seconds). A call takes as many copies as fit in `batch_cells` cells (at
+    least one), so memory stays bounded on wide tables."""
     n = len(X)
     truth = np.asarray(y)
 
@@ -829,7 +831,7 @@ def permutation_importance_by_column(model, X: pd.DataFrame, y: pd.Series, task:
 
     baseline = score(np.asarray(model.predict(X)))
     blocks = [(col, r) for col in range(X.shape[1]) for r in range(n_repeats)]
-    per_call = max(1, IMPORTANCE_BATCH_ROWS // max(n, 1))
+    per_call = max(1, batch_cells // max(n * X.shape[1], 1))
     drops = np.zeros((X.shape[1], n_repeats))
     identity = np.arange(n)
     for first in range(0, len(blocks), per_call):

@@ -423,7 +423,8 @@ def test_the_family_is_chosen_on_the_holdout_rows_as_well_as_on_the_folds():
 def test_importances_equal_scikit_learns_permutation_importance(churn, task):
     """The importances drift weighs features by are scikit-learn's permutation importances (the
     same shuffles), computed in a few stacked predict calls. Churn has categoricals with missing
-    values; 1,200 rows x 19 columns x 3 repeats are 68,400 permuted rows, so two calls."""
+    values; 57 permuted copies of 1,200 rows x 19 columns, stacked in one call by default and in
+    calls of two copies (the last one alone) when the batch is kept small."""
     from sklearn.inspection import permutation_importance
 
     frame = churn.iloc[:1200].copy()
@@ -434,6 +435,8 @@ def test_importances_equal_scikit_learns_permutation_importance(churn, task):
     model = fit_reproducibly(build_pipeline(schema, "hist_gradient_boosting", {"max_iter": 30}, 0),
                              X, y)
     ours = permutation_importance_by_column(model, X, y, task, random_state=5, n_repeats=3)
+    in_small_batches = permutation_importance_by_column(model, X, y, task, random_state=5,
+                                                        n_repeats=3, batch_cells=2 * 1200 * 19)
 
     reference = permutation_importance(
         model, X, y, n_repeats=3, random_state=5, n_jobs=1,
@@ -442,6 +445,8 @@ def test_importances_equal_scikit_learns_permutation_importance(churn, task):
     assert raw.sum() > 0
     assert list(ours) == list(X.columns)
     assert np.allclose(list(ours.values()), raw / raw.sum(), rtol=0, atol=1e-12)
+    assert list(in_small_batches) == list(ours)
+    assert np.allclose(list(in_small_batches.values()), list(ours.values()), rtol=0, atol=1e-12)
 
 
 def test_a_converged_search_stops_early_and_says_so(state_dir):
