@@ -19,7 +19,6 @@ from blocks.api_settings import APISettings
 from blocks.mlflow_config import resolve_mlflow_config
 
 BASE = "/api/v1/mlops"
-FAST = {"time_budget_s": 5, "candidates": ["linear"], "max_trials": 1}
 
 
 @dataclass

@@ -35,10 +35,10 @@ from tasks.errors import (ConfigurationError, DataError, InvalidModelNameError,
 from tasks.registry import alias_map, mlflow_client, move_alias, read_alias_history
 from tasks.routing import assign_arms
 
+from tests.budgets import ONE_LINEAR_TRIAL
 from tests.test_ab_store import shared_postgres_url
 
 MODEL, OTHER = "churn_ab", "churn_ab_other"
-FAST = dict(time_budget_s=5, candidates=["linear"], max_trials=1)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -62,8 +62,8 @@ def registry(tmp_path_factory):
                                                                           overwrite=True)
     try:
         churn = churn_frame().sample(2200, random_state=5).reset_index(drop=True)
-        v1 = train_model(churn.iloc[:600], "churn", MODEL, **FAST)
-        v2 = train_model(churn.iloc[:1500], "churn", MODEL, **FAST)
+        v1 = train_model(churn.iloc[:600], "churn", MODEL, **ONE_LINEAR_TRIAL)
+        v2 = train_model(churn.iloc[:1500], "churn", MODEL, **ONE_LINEAR_TRIAL)
         register_model(OTHER, run_id=v1.run_id)
         register_model(OTHER, run_id=v2.run_id)
         yield {"v1": v1.version, "v2": v2.version, "home": home}

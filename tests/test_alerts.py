@@ -34,6 +34,7 @@ from tasks.alerts import (Alert, AlertDeliveryError, dispatch, drift_alert, perf
                           redact, send_slack)
 from tasks.demo_data import churn_frame
 
+from tests.budgets import ONE_LINEAR_TRIAL
 from tests.servers import free_port
 
 pytestmark = pytest.mark.filterwarnings(
@@ -139,8 +140,7 @@ def churn(tmp_path_factory):
     patch.setenv("MLOPS_HOME", str(home / "state"))
     try:
         rows = churn_frame().sample(800, random_state=2).reset_index(drop=True)
-        train_model(rows.iloc[:450], "churn", MODEL, time_budget_s=5, candidates=["linear"],
-                    max_trials=1)
+        train_model(rows.iloc[:450], "churn", MODEL, **ONE_LINEAR_TRIAL)
         calm = rows.iloc[450:].reset_index(drop=True)
         drifted = home / "drifted.csv"
         drifted_batch(calm).to_csv(drifted, index=False)

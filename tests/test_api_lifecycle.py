@@ -12,7 +12,8 @@ from flows.retraining import retraining_check
 from flows.training import train_model
 from tasks.retraining import retraining_slot
 from tasks.demo_data import churn_frame
-from tests.api_support import BASE, FAST, assert_error, api_world
+from tests.api_support import BASE, assert_error, api_world
+from tests.budgets import ONE_LINEAR_TRIAL
 
 MODEL = "churn_life"
 
@@ -21,8 +22,8 @@ MODEL = "churn_life"
 def world(tmp_path_factory, mlflow_template_db):
     with api_world(tmp_path_factory, mlflow_template_db, "api-lifecycle") as world:
         churn = churn_frame().sample(2400, random_state=8).reset_index(drop=True)
-        train_model(churn.iloc[:600], "churn", MODEL, **FAST)
-        train_model(churn.iloc[:1200], "churn", MODEL, **FAST)
+        train_model(churn.iloc[:600], "churn", MODEL, **ONE_LINEAR_TRIAL)
+        train_model(churn.iloc[:1200], "churn", MODEL, **ONE_LINEAR_TRIAL)
         world.labelled = world.home / "labelled.csv"
         churn.to_csv(world.labelled, index=False)
         yield world

@@ -10,7 +10,8 @@ from sklearn.linear_model import LogisticRegression
 
 from api.keys import main as keys_cli
 from tasks.demo_data import churn_frame
-from tests.api_support import BASE, FAST, assert_error, api_world, use_experiment
+from tests.api_support import BASE, assert_error, api_world, use_experiment
+from tests.budgets import ONE_LINEAR_TRIAL
 
 MODEL = "churn_api"
 
@@ -28,7 +29,7 @@ def world(tmp_path_factory, mlflow_template_db):
 def trained(world):
     """v1 of MODEL, trained through POST models/register with data (202, then runs/{id})."""
     accepted = world.post("/models/register", {"model_name": MODEL, "data": str(world.data),
-                                               "target": "churn", **FAST})
+                                               "target": "churn", **ONE_LINEAR_TRIAL})
     assert accepted.json()["deployment"] is None  # embedded: no deployment on this Prefect API
     status = world.wait(accepted)
     assert status["state_type"] == "COMPLETED", status
@@ -149,7 +150,7 @@ def test_register_from_a_run_id_and_its_bad_inputs(world, trained):
 
 def test_training_on_bad_data_fails_its_run_with_the_flows_message(world):
     accepted = world.post("/models/register", {"model_name": MODEL, "data": str(world.data),
-                                               "target": "no_such_column", **FAST})
+                                               "target": "no_such_column", **ONE_LINEAR_TRIAL})
     status = world.wait(accepted)
     assert status["state_type"] == "FAILED" and status["result"] is None
     assert status["error"]["type"] == "DataError"

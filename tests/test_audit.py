@@ -18,10 +18,9 @@ from flows.training import train_model
 from tasks.demo_data import churn_frame
 from tasks.errors import InvalidModelNameError, ModelNotFoundError
 from tasks.registry import mlflow_client
+from tests.budgets import ONE_LINEAR_TRIAL
 from tests.conftest import ROOT
 from tests.test_registry import log_tiny_model
-
-FAST = dict(time_budget_s=5, candidates=["linear"], max_trials=1)
 
 
 def local(uri: str) -> Path:
@@ -36,8 +35,8 @@ def checks(report) -> list[tuple]:
 def trained(state_dir):
     """Two versions trained by train_model (v2 champion, v1 previous champion)."""
     frame = churn_frame().sample(600, random_state=1).reset_index(drop=True)
-    train_model(frame, "churn", "audited", **FAST)
-    train_model(frame.iloc[:500], "churn", "audited", promote="always", **FAST)
+    train_model(frame, "churn", "audited", **ONE_LINEAR_TRIAL)
+    train_model(frame.iloc[:500], "churn", "audited", promote="always", **ONE_LINEAR_TRIAL)
     return "audited"
 
 

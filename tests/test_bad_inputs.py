@@ -8,8 +8,7 @@ from flows.training import train_model
 from tasks.demo_data import churn_frame
 from tasks.errors import ConfigurationError, DataError, InvalidModelNameError
 from tasks.registry import mlflow_client
-
-FAST = dict(time_budget_s=5, candidates=["linear"], max_trials=1)
+from tests.budgets import ONE_LINEAR_TRIAL
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +49,14 @@ CASES = {
 def test_bad_training_data_is_refused_before_anything_is_registered(case, state_dir, tmp_path, churn):
     make_data, target, error, message = CASES[case]
     with pytest.raises(error, match=message):
-        train_model(make_data(tmp_path, churn), target, "customer_churn", **FAST)
+        train_model(make_data(tmp_path, churn), target, "customer_churn", **ONE_LINEAR_TRIAL)
     assert mlflow_client().search_registered_models() == []
 
 
 @pytest.mark.parametrize("name", ["", "has space", "slash/name", "-leading", "x" * 101, "churn;drop"])
 def test_invalid_model_names_are_refused(name, state_dir, churn):
     with pytest.raises(InvalidModelNameError, match="invalid model name.*e.g. customer_churn"):
-        train_model(churn, "churn", name, **FAST)
+        train_model(churn, "churn", name, **ONE_LINEAR_TRIAL)
     assert mlflow_client().search_registered_models() == []
 
 
@@ -68,5 +67,5 @@ def test_invalid_model_names_are_refused(name, state_dir, churn):
 ])
 def test_bad_parameters_are_refused(kwargs, message, state_dir, churn):
     with pytest.raises(ConfigurationError, match=message):
-        train_model(churn, "churn", "customer_churn", **{**FAST, **kwargs})
+        train_model(churn, "churn", "customer_churn", **{**ONE_LINEAR_TRIAL, **kwargs})
     assert mlflow_client().search_registered_models() == []

@@ -38,6 +38,7 @@ from tasks.demo_data import churn_frame
 from tasks.errors import ConfigurationError, ModelNotFoundError
 from tasks.export.pmml import find_java
 from tasks.registry import mlflow_client
+from tests.budgets import ONE_LINEAR_TRIAL
 
 SECRET = "s3cr3t-pw-81723"
 
@@ -121,8 +122,7 @@ def test_a_flow_with_an_invalid_mlflow_config_fails_instead_of_using_a_throwaway
     saved(MLflowConfig(tracking_uri=f"sqlite:///{state_dir / 'mlflow.db'}"))
     corrupt(MLflowConfig, DEFAULT_DOCUMENT, {"tracking_uri": 5000})
     with pytest.raises(ConfigurationError, match="MLflowConfig block document 'default'.*tracking_uri"):
-        train_model(churn_frame().iloc[:600], "churn", "not_here", candidates=["linear"],
-                    time_budget_s=3, max_trials=1)
+        train_model(churn_frame().iloc[:600], "churn", "not_here", **ONE_LINEAR_TRIAL)
     embedded = MlflowClient(tracking_uri=f"sqlite:///{state_dir / 'mlflow.db'}")
     assert embedded.search_registered_models() == []
 
@@ -153,8 +153,8 @@ def block_loads(flow_run_id) -> int:
 
 def test_a_flow_run_reads_the_mlflow_config_from_the_prefect_api_once(saved, state_dir):
     saved(MLflowConfig.embedded())
-    state = train_model(churn_frame().iloc[:1500], "churn", "once", candidates=["linear"],
-                        time_budget_s=3, max_trials=1, return_state=True)
+    state = train_model(churn_frame().iloc[:1500], "churn", "once", return_state=True,
+                        **ONE_LINEAR_TRIAL)
     assert state.is_completed()
     assert block_loads(state.state_details.flow_run_id) == 1  # 4 before: one per mlflow_client()
 
@@ -252,8 +252,7 @@ def test_the_pmml_exporters_java_processes_do_not_see_the_mlflow_password(
     config = MLflowConfig.embedded()
     config.username, config.password = "alice", SECRET
     saved(config)
-    train_model(churn_frame().iloc[:1500], "churn", "pmml_env", candidates=["linear"],
-                time_budget_s=3, max_trials=1)
+    train_model(churn_frame().iloc[:1500], "churn", "pmml_env", **ONE_LINEAR_TRIAL)
     report = export_model("pmml_env", formats=["pmml"])
     assert report.result("pmml").status == "ok", report.result("pmml").reason
 

@@ -32,10 +32,10 @@ from tasks.drift_metrics import DriftInputError
 from tasks.errors import ConfigurationError, DataError, ModelNotFoundError, VersionNotFoundError
 from tasks.registry import mlflow_client
 
+from tests.budgets import ONE_LINEAR_TRIAL
 from tests.servers import free_port
 
 MODEL = "churn_drift"
-FAST = dict(time_budget_s=5, candidates=["linear"], max_trials=1)
 
 
 @dataclass
@@ -64,7 +64,7 @@ def churn(tmp_path_factory):
         eval_path, drifted_path = data / "evaluation.csv", data / "drifted.csv"
         evaluation.to_csv(eval_path, index=False)
         drifted_batch(evaluation).to_csv(drifted_path, index=False)
-        result = train_model(str(train), "churn", MODEL, **FAST)
+        result = train_model(str(train), "churn", MODEL, **ONE_LINEAR_TRIAL)
         train.unlink()  # a drift check must never need the training data
         yield Churn(home, train, eval_path, drifted_path, evaluation, result.version)
     finally:

@@ -20,6 +20,7 @@ from tasks.export.base import ExportSubject, load_exporter
 from tasks.export.core import export_format, sklearn_reference
 from tasks.export.parity import BOUNDS
 from tasks.training_search import build_pipeline, infer_schema, prepare_features
+from tests.budgets import ONE_LINEAR_TRIAL
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -504,8 +505,7 @@ def test_export_model_flow_publishes_core_ml_with_an_honest_report(state_dir):
     from flows.training import train_model
 
     frame = churn_frame().sample(1200, random_state=8).reset_index(drop=True)
-    trained = train_model(frame, "churn", "customer_churn", time_budget_s=6, candidates=["linear"],
-                          max_trials=1)
+    trained = train_model(frame, "churn", "customer_churn", **ONE_LINEAR_TRIAL)
     report = export_model("customer_churn", "champion", formats=["coreml"])
     r = report.result("coreml")
     assert r.status == "ok", r.reason

@@ -21,10 +21,9 @@ from flows.training import train_model
 from tasks.demo_data import churn_frame
 from tasks.errors import RegistryError
 from tasks.registry import REGISTRATION_TAG
+from tests.budgets import ONE_LINEAR_TRIAL
 from tests.servers import WatchingProxy, free_port, stop_process_group
 from tests.test_mlflow_server import start_mlflow_server
-
-FAST = dict(time_budget_s=8, candidates=["linear"], max_trials=1)
 
 
 class Server:
@@ -118,7 +117,7 @@ def test_mlflow_stopped_mid_registration_leaves_no_alias_and_the_retry_registers
     started = time.monotonic()
     try:
         with pytest.raises(RegistryError) as caught:
-            train_model(frame, "churn", name, **FAST)
+            train_model(frame, "churn", name, **ONE_LINEAR_TRIAL)
     finally:
         if fault.startswith("pause"):
             server.resume()
@@ -146,7 +145,7 @@ def test_mlflow_stopped_mid_registration_leaves_no_alias_and_the_retry_registers
     assert [(f.check, f.version) for f in report.findings] == [
         ("registration-incomplete", int(mv.version)) for mv in left]
 
-    retried = train_model(frame, "churn", name, **FAST)
+    retried = train_model(frame, "churn", name, **ONE_LINEAR_TRIAL)
     versions = client.search_model_versions(f"name='{name}'")
     assert [int(mv.version) for mv in versions] == [retried.version]  # exactly one version
     assert retried.version not in [int(mv.version) for mv in left]

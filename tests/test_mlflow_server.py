@@ -31,10 +31,10 @@ from flows.registry import compare_versions, list_versions, promote_model, rollb
 from flows.training import train_model
 from tasks.demo_data import churn_frame
 
+from tests.budgets import ONE_LINEAR_TRIAL
 from tests.conftest import require_postgres
 from tests.servers import free_port, stop_process_group, wait_until_answers
 
-FAST = dict(time_budget_s=8, candidates=["linear"], max_trials=1)
 SERVER_START_TIMEOUT_S = 180  # cold start is ~15 s idle here, much more on a loaded 2-CPU box
 MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
 
@@ -173,7 +173,7 @@ def unique_name(server: MlflowServer) -> str:
 def test_training_registers_a_champion_with_its_artifacts_on_the_server(
         mlflow_server, churn_files, state_dir, tmp_path):
     name = unique_name(mlflow_server)
-    result = train_model(str(churn_files["first"]), "churn", name, **FAST)
+    result = train_model(str(churn_files["first"]), "churn", name, **ONE_LINEAR_TRIAL)
 
     assert result.version == 1 and result.aliases == ["champion"]
     client = client_for(mlflow_server)
@@ -207,8 +207,8 @@ def test_training_registers_a_champion_with_its_artifacts_on_the_server(
 
 def test_promote_rollback_and_compare_on_the_server(mlflow_server, churn_files):
     name = unique_name(mlflow_server)
-    first = train_model(str(churn_files["first"]), "churn", name, **FAST)
-    second = train_model(str(churn_files["second"]), "churn", name, **FAST)
+    first = train_model(str(churn_files["first"]), "churn", name, **ONE_LINEAR_TRIAL)
+    second = train_model(str(churn_files["second"]), "churn", name, **ONE_LINEAR_TRIAL)
     client = client_for(mlflow_server)
     assert (first.version, first.aliases) == (1, ["champion"])
     assert (second.version, second.aliases) == (2, ["challenger"])
@@ -239,8 +239,8 @@ def test_the_ab_artifact_shows_the_lift_plot_inline(mlflow_server_sqlite, state_
 
     with flows_pointed_at(mlflow_server_sqlite) as server:
         name = unique_name(server)
-        train_model(str(churn_files["first"]), "churn", name, **FAST)
-        train_model(str(churn_files["second"]), "churn", name, **FAST)
+        train_model(str(churn_files["first"]), "churn", name, **ONE_LINEAR_TRIAL)
+        train_model(str(churn_files["second"]), "churn", name, **ONE_LINEAR_TRIAL)
         test_id = create_ab_test(name, traffic_split=0.5)
         rows = pd.read_csv(churn_files["evaluation"]).drop(columns=["churn"])
         rows.insert(0, "customer_id", [f"c{i}" for i in range(len(rows))])

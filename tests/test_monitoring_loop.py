@@ -26,10 +26,10 @@ from tasks.metric_sources import read_monitoring_snapshot
 from tasks.registry import mlflow_client
 from tasks.served_traffic import ServedTrafficSampler
 
+from tests.budgets import ONE_LINEAR_TRIAL
 from tests.servers import free_port
 
 CLS, REG = "loop_churn", "loop_charges"
-FAST = dict(time_budget_s=4, candidates=["linear"], max_trials=1)
 
 
 @dataclass
@@ -54,8 +54,8 @@ def loop(tmp_path_factory):
         evaluation.to_csv(paths["evaluation"], index=False)
         drifted_batch(evaluation).to_csv(paths["drifted"], index=False)
         rows.to_csv(paths["labelled"], index=False)
-        train_model(str(paths["train"]), "churn", CLS, **FAST)
-        train_model(str(paths["train"]), "monthly_charges", REG, task="regression", **FAST)
+        train_model(str(paths["train"]), "churn", CLS, **ONE_LINEAR_TRIAL)
+        train_model(str(paths["train"]), "monthly_charges", REG, task="regression", **ONE_LINEAR_TRIAL)
         yield Loop(folder, paths["evaluation"], paths["drifted"], paths["labelled"], evaluation)
     finally:
         patch.undo()

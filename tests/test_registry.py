@@ -23,6 +23,7 @@ from tasks.errors import (InvalidModelNameError, ModelNotFoundError, RegistryErr
 from tasks.registry import (CHAMPION_EXPORTED_AT_TAG, EXPORTED_AT_TAG, EXPORTS_INDEXED_TAG,
                             HISTORY_TAG, AliasMove, alias_map, apply_retention, mlflow_client,
                             promote, promote_alias)
+from tests.budgets import ONE_LINEAR_TRIAL
 from tests.conftest import ROOT
 
 
@@ -158,9 +159,8 @@ def test_bad_registry_input_is_refused_and_changes_nothing(state_dir, call, erro
 
 def test_compare_versions_on_the_same_rows(state_dir, tmp_path):
     churn = churn_frame().sample(2400, random_state=3).reset_index(drop=True)
-    fast = dict(time_budget_s=8, candidates=["linear"], max_trials=1)
-    train_model(churn.iloc[:700], "churn", "c", **fast)
-    train_model(churn.iloc[:1400], "churn", "c", **fast)
+    train_model(churn.iloc[:700], "churn", "c", **ONE_LINEAR_TRIAL)
+    train_model(churn.iloc[:1400], "churn", "c", **ONE_LINEAR_TRIAL)
     eval_path = tmp_path / "eval.csv"
     churn.iloc[1400:].to_csv(eval_path, index=False)
     cmp = compare_versions("c", 1, "challenger", data=str(eval_path))
@@ -209,12 +209,11 @@ def test_keep_versions_from_the_saved_mlflow_config_block_is_honoured(state_dir)
 
 def test_the_newest_champion_export_survives_retention(state_dir):
     churn = churn_frame().sample(900, random_state=5).reset_index(drop=True)
-    fast = dict(time_budget_s=3, candidates=["linear"], max_trials=1)
-    train_model(churn.iloc[:400], "churn", "c", promote="always", **fast)  # v1 champion
+    train_model(churn.iloc[:400], "churn", "c", promote="always", **ONE_LINEAR_TRIAL)  # v1 champion
     export_model("c", "champion", formats=["onnx"])  # devices now run v1
     client = mlflow_client()
     assert {EXPORTED_AT_TAG, CHAMPION_EXPORTED_AT_TAG} <= set(client.get_model_version("c", "1").tags)
-    train_model(churn.iloc[:800], "churn", "c", promote="always", **fast)  # v2 champion
+    train_model(churn.iloc[:800], "churn", "c", promote="always", **ONE_LINEAR_TRIAL)  # v2 champion
     with saved_mlflow_config(keep_versions=1):
         register_model("c", run_id=log_tiny_model())  # v3
         assert versions_left("c") == [3, 2, 1]  # v1 has no alias, but is the newest export

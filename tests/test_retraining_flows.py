@@ -36,6 +36,7 @@ from tasks.demo_data import churn_frame
 from tasks.errors import DataError, ModelNotFoundError
 from tasks.registry import alias_map, mlflow_client, model_slug, read_alias_history
 from tasks.retraining import retraining_slot
+from tests.budgets import ONE_LINEAR_TRIAL
 from tests.test_drift_flows import read_artifacts, read_events
 from tests.test_registry import log_tiny_model, saved_mlflow_config
 
@@ -69,8 +70,7 @@ def base(tmp_path_factory):
         old.loc[flip, "churn"] = np.where(old.loc[flip, "churn"] == "Yes", "No", "Yes")
         old_path = folder / "old.csv"
         old.to_csv(old_path, index=False)
-        trained = train_model(str(old_path), "churn", "rt_base", time_budget_s=BUDGET,
-                              candidates=["linear"], max_trials=1)
+        trained = train_model(str(old_path), "churn", "rt_base", **ONE_LINEAR_TRIAL)
         yield Base(trained.model_uri, trained.run_id, old, frame.iloc[300:].reset_index(drop=True),
                    folder)
     finally:
@@ -421,8 +421,7 @@ def test_summer_rows_given_to_a_winter_model_report_their_drift_beside_the_falle
     energy_demand("winter", 400, seed=1).to_csv(winter, index=False)
     energy_demand("summer", 300, seed=2).to_csv(summer, index=False)
     name = "rt_energy_demand"
-    train_model(str(winter), "demand", name, time_budget_s=BUDGET, candidates=["linear"],
-                max_trials=1)
+    train_model(str(winter), "demand", name, **ONE_LINEAR_TRIAL)
     save_policy(name, max_model_age_days=1e-6)  # the age trigger fires too
 
     decision = should_retrain(name, str(summer), "demand")
@@ -499,8 +498,7 @@ def test_a_regression_model_is_gated_on_its_lower_is_better_metric(tmp_path):
     frame.iloc[:120].to_csv(old, index=False)
     frame.to_csv(labelled, index=False)
     name = "rt_diabetes"
-    first = train_model(str(old), "target", name, time_budget_s=BUDGET, candidates=["linear"],
-                        max_trials=1)
+    first = train_model(str(old), "target", name, **ONE_LINEAR_TRIAL)
     assert first.metric == "rmse"
     save_policy(name, min_new_rows=100)
     result = retrain_model(name, str(labelled), "target")

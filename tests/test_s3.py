@@ -27,9 +27,9 @@ from tasks.data import frame_sha256, load_table
 from tasks.demo_data import churn_frame
 from tasks.errors import DataError
 from tasks.registry import mlflow_client
+from tests.budgets import ONE_LINEAR_TRIAL
 from tests.servers import free_port, stop_process_group, wait_until_answers
 
-FAST = dict(time_budget_s=8, candidates=["linear"], max_trials=1)
 SERVER_START_TIMEOUT_S = 60
 MOTO_BIN = Path(sys.executable).parent / "moto_server"
 ACCESS_KEY, SECRET_KEY, REGION = "mlops-test", "mlops-test-secret", "us-east-1"
@@ -99,7 +99,7 @@ def s3_block(s3_server, state_dir):
 
 def test_training_from_an_s3_csv_records_the_uri(s3_block):
     uri = f"s3://{s3_block.bucket}/churn.csv"
-    result = train_model(uri, "churn", "churn_from_s3", **FAST)
+    result = train_model(uri, "churn", "churn_from_s3", **ONE_LINEAR_TRIAL)
 
     assert result.version == 1 and result.aliases == ["champion"] and result.data_ref == uri
     client = mlflow_client()
@@ -111,7 +111,7 @@ def test_training_from_an_s3_csv_records_the_uri(s3_block):
 
 def test_training_from_an_s3_parquet_records_the_uri_and_the_data_hash(s3_block):
     uri = f"s3://{s3_block.bucket}/tables/churn.parquet"
-    result = train_model(uri, "churn", "churn_from_parquet", **FAST)
+    result = train_model(uri, "churn", "churn_from_parquet", **ONE_LINEAR_TRIAL)
 
     tags = mlflow_client().get_run(result.run_id).data.tags
     assert tags["mlops.data_ref"] == uri
@@ -123,7 +123,7 @@ def test_training_from_an_s3_parquet_records_the_uri_and_the_data_hash(s3_block)
 def test_a_bucket_without_a_saved_block_fails_before_anything_is_registered(s3_block):
     uri = "s3://no-such-bucket-configured/churn.csv"
     with pytest.raises(DataError) as raised:
-        train_model(uri, "churn", "churn_unconfigured", **FAST)
+        train_model(uri, "churn", "churn_unconfigured", **ONE_LINEAR_TRIAL)
 
     message = str(raised.value)
     assert "no-such-bucket-configured" in message and "S3Bucket" in message
@@ -136,7 +136,7 @@ def test_a_bucket_without_a_saved_block_fails_before_anything_is_registered(s3_b
 def test_a_missing_key_names_the_uri_and_registers_nothing(s3_block):
     uri = f"s3://{s3_block.bucket}/no/such/table.csv"
     with pytest.raises(DataError, match="no/such/table.csv"):
-        train_model(uri, "churn", "churn_missing_key", **FAST)
+        train_model(uri, "churn", "churn_missing_key", **ONE_LINEAR_TRIAL)
     assert mlflow_client().search_registered_models() == []
 
 

@@ -24,6 +24,7 @@ from tasks.demo_data import churn_frame
 from tasks.export.base import ExportError
 from tasks.export.steps import export_dir
 from tasks.registry import mlflow_client
+from tests.budgets import ONE_LINEAR_TRIAL
 from tests.servers import WatchingProxy, stop_process_group
 from tests.test_s3 import ACCESS_KEY, REGION, SECRET_KEY, start_moto
 
@@ -91,8 +92,7 @@ def test_s3_paused_mid_upload_fails_the_export_with_the_fix_and_a_retry_publishe
     ONNX file reached S3."""
     process, proxy, s3, bucket = s3_export
     name = f"s3_fault_{pause_at.replace('-', '_')}"
-    trained = train_model(churn_frame().iloc[:600], "churn", name, candidates=["linear"],
-                          max_trials=1)
+    trained = train_model(churn_frame().iloc[:600], "churn", name, **ONE_LINEAR_TRIAL)
     paused = []
 
     def pause(line: str) -> None:

@@ -17,7 +17,8 @@ from flows.training import train_model
 from tasks.ab_tasks import load_scorer
 from tasks.demo_data import churn_frame
 from tasks.routing import assign_arms
-from tests.api_support import BASE, FAST, api_world, assert_error
+from tests.api_support import BASE, api_world, assert_error
+from tests.budgets import ONE_LINEAR_TRIAL
 
 MODEL = "churn_serve"
 FEATURES = ["tenure", "monthly_charges", "total_charges", "contract", "internet_service",
@@ -29,9 +30,9 @@ def world(tmp_path_factory, mlflow_template_db):
     with api_world(tmp_path_factory, mlflow_template_db, "serving") as world:
         churn = churn_frame().sample(1600, random_state=3).reset_index(drop=True)
         data = churn[[*FEATURES, "churn"]]
-        train_model(data.iloc[:700], "churn", MODEL, **FAST)
+        train_model(data.iloc[:700], "churn", MODEL, **ONE_LINEAR_TRIAL)
         export_model(MODEL, 1, formats=["onnx"])
-        train_model(data.iloc[700:1400], "churn", MODEL, promote="never", **FAST)
+        train_model(data.iloc[700:1400], "churn", MODEL, promote="never", **ONE_LINEAR_TRIAL)
         world.rows = data.iloc[1400:].drop(columns="churn").reset_index(drop=True)
         wait_ready(world)
         yield world

@@ -24,7 +24,7 @@ from flows.registry import promote_model
 from flows.training import train_model
 from tasks.ab import open_store, predictions_table
 from tasks.demo_data import churn_frame
-from tests.api_support import FAST
+from tests.budgets import ONE_LINEAR_TRIAL
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,8 +57,8 @@ def world(tmp_path_factory, mlflow_template_db):
     try:
         data = churn_frame().sample(900, random_state=5)[[*FEATURES, "churn"]]
         for name in (TESTED, MOVED):
-            train_model(data.iloc[:400], "churn", name, **FAST)
-            train_model(data.iloc[400:800], "churn", name, promote="never", **FAST)
+            train_model(data.iloc[:400], "churn", name, **ONE_LINEAR_TRIAL)
+            train_model(data.iloc[400:800], "churn", name, promote="never", **ONE_LINEAR_TRIAL)
             for version in (1, 2):
                 export_model(name, version, formats=["onnx"])
         test_id = create_ab_test(TESTED, 1, 2, traffic_split=0.5)
