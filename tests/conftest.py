@@ -51,12 +51,24 @@ def pytest_xdist_make_scheduler(config, log):
     return OneStackScheduling(config, log)
 
 
+@pytest.fixture(scope="session")
+def prefect_results(tmp_path_factory) -> Path:
+    """Where the session's flow and task results go (the training, retraining and export flows
+    persist theirs): a folder of the session, not the user's ~/.prefect/storage, which Prefect
+    would otherwise fill with about a thousand files a run. Set for subprocesses too."""
+    return tmp_path_factory.mktemp("prefect-results")
+
+
 @pytest.fixture(scope="session", autouse=True)
-def prefect_api():
+def prefect_api(prefect_results):
     """A real (embedded) Prefect API server shared by the whole session (about 5 s to start)."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
     from flows.local_runs import local_run_settings
 
-    with prefect_test_harness(server_startup_timeout=60), local_run_settings():
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(prefect_results)
+    with prefect_test_harness(server_startup_timeout=60), local_run_settings(), \
+            temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: prefect_results}):
         yield
 
 

@@ -30,9 +30,9 @@ from tasks.training_search import (BOOSTING_CHUNK, FAMILIES, FINAL_TREES, TRIAL_
                                    fit_reproducibly, fit_until, forest_start_features,
                                    infer_schema, permutation_importance_by_column,
                                    prepare_features, starting_candidates)
+from tests.budgets import ONE_LINEAR_TRIAL
 
 FAST = dict(time_budget_s=10, candidates=["linear", "random_forest"], max_trials=2)
-ONE_TRIAL = dict(time_budget_s=5, candidates=["linear"], max_trials=1)  # versions, not models
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,14 @@ def churn():
     return churn_frame().sample(1500, random_state=1).reset_index(drop=True)
 
 
-def test_first_version_is_champion_with_everything_stored(state_dir, churn, tmp_path):
+def test_first_version_is_champion_with_everything_stored(state_dir, churn, tmp_path,
+                                                          prefect_results):
     path = tmp_path / "churn.csv"
     churn.to_csv(path, index=False)
+    results_before = set(prefect_results.iterdir())
     result = train_model(str(path), "churn", "customer_churn", **FAST)
+    # Prefect persisted the run's results where the session says, not in ~/.prefect/storage
+    assert set(prefect_results.iterdir()) - results_before
 
     assert result.version == 1 and result.aliases == ["champion"]
     assert result.family in {"linear", "random_forest"} and result.metric == "roc_auc"
@@ -121,13 +125,13 @@ def test_a_forest_winner_is_chosen_measured_and_registered_with_at_least_final_t
 
 
 def test_later_versions_become_challenger_or_nothing(state_dir, churn):
-    first = train_model(churn, "churn", "customer_churn", **ONE_TRIAL)
-    second = train_model(churn, "churn", "customer_churn", **ONE_TRIAL)
-    third = train_model(churn, "churn", "customer_churn", promote="never", **ONE_TRIAL)
+    first = train_model(churn, "churn", "customer_churn", **ONE_LINEAR_TRIAL)
+    second = train_model(churn, "churn", "customer_churn", **ONE_LINEAR_TRIAL)
+    third = train_model(churn, "churn", "customer_churn", promote="never", **ONE_LINEAR_TRIAL)
     assert (first.aliases, second.aliases, third.aliases) == (["champion"], ["challenger"], [])
     assert (second.semver, third.semver) == ("1.1.0", "1.2.0")
     assert alias_map(mlflow_client(), "customer_churn") == {"champion": 1, "challenger": 2}
-    always = train_model(churn, "churn", "customer_churn", promote="always", **ONE_TRIAL)
+    always = train_model(churn, "churn", "customer_churn", promote="always", **ONE_LINEAR_TRIAL)
     assert "champion" in always.aliases
     assert mlflow_client().get_model_version("customer_churn", "4").run_id == always.run_id
     # a DataFrame has no path to record
@@ -135,8 +139,8 @@ def test_later_versions_become_challenger_or_nothing(state_dir, churn):
 
 
 def test_changed_input_schema_bumps_the_major_version(state_dir, churn):
-    train_model(churn, "churn", "m", **ONE_TRIAL)
-    narrower = train_model(churn.drop(columns=["tenure"]), "churn", "m", **ONE_TRIAL)
+    train_model(churn, "churn", "m", **ONE_LINEAR_TRIAL)
+    narrower = train_model(churn.drop(columns=["tenure"]), "churn", "m", **ONE_LINEAR_TRIAL)
     assert narrower.semver == "2.0.0"
 
 
