@@ -55,7 +55,8 @@ def pytest_xdist_make_scheduler(config, log):
 def prefect_results(tmp_path_factory) -> Path:
     """Where the session's flow and task results go (the training, retraining and export flows
     persist theirs): a folder of the session, not the user's ~/.prefect/storage, which Prefect
-    would otherwise fill with about a thousand files a run. Set for subprocesses too."""
+    would otherwise fill with about a thousand files a run (prefect_api sets it in this process
+    and in the environment of subprocesses)."""
     return tmp_path_factory.mktemp("prefect-results")
 
 
