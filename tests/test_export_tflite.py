@@ -37,6 +37,7 @@ from tasks.export.core import export_format, sklearn_predict, sklearn_reference
 from tasks.export.parity import BOUNDS, Bound, compare
 from tasks.export.tflite import TFLiteExporter, read_contract
 from tasks.training_search import build_pipeline, infer_schema, prepare_features
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning",
                                         "ignore:Found unknown categories:UserWarning")
@@ -441,7 +442,7 @@ def test_tflite_is_a_device_format_and_importing_it_loads_no_tensorflow():
     code = ("import sys, tasks.export.tflite, tasks.export.tflite_graph\n"
             "print(sorted(m for m in ('tensorflow', 'ai_edge_litert') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
+                         cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
 
 
@@ -528,7 +529,7 @@ def test_operator_versions_are_those_tensorflows_converter_writes():
     subprocess, because TensorFlow and LiteRT each load their own TFLite runtime."""
     pytest.importorskip("tensorflow")
     done = subprocess.run([sys.executable, "-c", OP_VERSIONS_SCRIPT], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+                          text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     cases = json.loads(done.stdout.strip().splitlines()[-1])
     assert {"BITCAST", "CAST", "GATHER", "SELECT_V2", "SUB", "BATCH_MATMUL", "DEQUANTIZE",

@@ -25,9 +25,9 @@ from flows.training import train_model
 from tasks.ab import open_store, predictions_table
 from tasks.demo_data import churn_frame
 from tests.budgets import ONE_LINEAR_TRIAL
+from tests.conftest import ROOT
 from tests.servers import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 TESTED, MOVED = "serve_ab", "serve_move"
 FEATURES = ["tenure", "monthly_charges", "contract", "internet_service", "senior_citizen"]
 LOAD_SECONDS = 8.0
