@@ -34,7 +34,7 @@ def diff_params(a: dict[str, str], b: dict[str, str]) -> dict[str, dict[str, str
     return {k: {"a": a.get(k), "b": b.get(k)} for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-@task(name="compare-recorded")
+@task(name="compare-recorded", cache_policy=NO_CACHE)
 def compare_recorded(model_name: str, version_a: int | str, version_b: int | str) -> Comparison:
     client = mlflow_client()
     mv_a = resolve_version(client, model_name, version_a)

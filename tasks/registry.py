@@ -35,6 +35,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from blocks.mlflow_config import MLflowConfig, resolve_mlflow_config
@@ -669,7 +670,9 @@ def newest_unregistered_model(client: MlflowClient, name: str) -> tuple[str, str
 
 
 # --------------------------------------------------------------------------- tasks
-@task(name="register-version", retries=2, retry_delay_seconds=2)
+# NO_CACHE on each: a second identical call in one flow run must read the registry again (a
+# champion moved since) or move the alias again (docs/architecture.md, "No task caching").
+@task(name="register-version", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def register_version(model_name: str, model_uri: str, run_id: str | None, description: str = "",
                      tags: dict[str, str] | None = None, metrics: dict[str, float] | None = None,
                      schema_json: str | None = None, complete: bool = True) -> VersionInfo:
@@ -690,13 +693,13 @@ def registration_failed(model_name: str, tracking_uri: str, exc: Exception) -> R
         "deletes the unfinished version (audit_registry lists it meanwhile)")
 
 
-@task(name="complete-registration")
+@task(name="complete-registration", cache_policy=NO_CACHE)
 def complete_registration(model_name: str, version: int) -> None:
     """The version's registration is done: clear its `mlops.registration=pending` tag."""
     complete_registration_of(mlflow_client(), model_name, version)
 
 
-@task(name="promote-alias")
+@task(name="promote-alias", cache_policy=NO_CACHE)
 def promote_alias(model_name: str, version: int | str, stage: str = "champion", reason: str = "",
                   kind: str = "promote") -> VersionInfo:
     client = mlflow_client()
@@ -705,13 +708,13 @@ def promote_alias(model_name: str, version: int | str, stage: str = "champion", 
     return version_info(client, client.get_model_version(model_name, mv.version))
 
 
-@task(name="resolve-version")
+@task(name="resolve-version", cache_policy=NO_CACHE)
 def find_version(model_name: str, version: int | str) -> VersionInfo:
     client = mlflow_client()
     return version_info(client, resolve_version(client, model_name, version))
 
 
-@task(name="previous-champion")
+@task(name="previous-champion", cache_policy=NO_CACHE)
 def find_previous_champion(model_name: str) -> int:
     client = mlflow_client()
     current = alias_map(client, model_name).get("champion")
@@ -723,18 +726,18 @@ def find_previous_champion(model_name: str) -> int:
     return previous
 
 
-@task(name="read-alias-history")
+@task(name="read-alias-history", cache_policy=NO_CACHE)
 def read_alias_moves(model_name: str) -> list[AliasMove]:
     client = mlflow_client()
     return [as_alias_move(e) for e in read_alias_history(client, model_name)]
 
 
-@task(name="find-unregistered-model")
+@task(name="find-unregistered-model", cache_policy=NO_CACHE)
 def find_unregistered_model(model_name: str) -> tuple[str, str | None]:
     return newest_unregistered_model(mlflow_client(), model_name)
 
 
-@task(name="list-model-versions")
+@task(name="list-model-versions", cache_policy=NO_CACHE)
 def read_versions(model_name: str) -> list[VersionInfo]:
     client = mlflow_client()
     get_registered_model(client, model_name)
@@ -755,7 +758,7 @@ def _check_run_has_model(client: MlflowClient, run, path: str, uri: str) -> None
                         f"{run.info.run_id}/<name>, or models:/<model id>)")
 
 
-@task(name="check-model-source")
+@task(name="check-model-source", cache_policy=NO_CACHE)
 def check_model_source(model_uri: str | None, run_id: str | None) -> str:
     """The model URI to register, verified to exist before anything is written."""
     if not model_uri and not run_id:

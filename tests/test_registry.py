@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import mlflow
 import pytest
 import yaml
+from prefect import flow
 from sklearn.linear_model import LogisticRegression
 
 from blocks.mlflow_config import DEFAULT_DOCUMENT, MLflowConfig, resolve_mlflow_config
@@ -22,7 +23,7 @@ from tasks.errors import (InvalidModelNameError, ModelNotFoundError, RegistryErr
                           VersionNotFoundError)
 from tasks.registry import (CHAMPION_EXPORTED_AT_TAG, EXPORTED_AT_TAG, EXPORTS_INDEXED_TAG,
                             HISTORY_TAG, AliasMove, alias_map, apply_retention, mlflow_client,
-                            promote, promote_alias)
+                            find_version, promote, promote_alias)
 from tests.budgets import ONE_LINEAR_TRIAL
 from tests.conftest import ROOT
 
@@ -118,6 +119,25 @@ def test_rollback_goes_to_the_previous_champion_even_after_a_restart(state_dir):
     assert rollback_model("m", version=3).version == 3  # a named version
     assert rollback_model("m").version == 1
     assert alias_history("m")[-1].kind == "rollback"
+
+
+def test_registry_tasks_act_on_every_call_in_a_flow_that_persists_results(state_dir):
+    """A user's own flow that persists results (as train_model does) and moves the champion back
+    and forth: the third move repeats the first one's inputs, and must still move the alias."""
+    registered(2)
+
+    @flow(persist_result=True)
+    def swap_champions() -> list[int]:
+        seen = []
+        for version in (1, 2, 1):
+            promote_alias("m", version, reason="swap")
+            seen.append(find_version("m", "champion").version)
+        return seen
+
+    assert swap_champions() == [1, 2, 1]
+    assert alias_map(mlflow_client(), "m") == {"champion": 1}
+    assert moves() == [("champion", None, 1, "promote"), ("champion", 1, 2, "promote"),
+                       ("champion", 2, 1, "promote")]
 
 
 def test_rollback_without_an_earlier_champion_is_refused(state_dir):
