@@ -16,6 +16,12 @@
                                  A/B store from MLOPS_AB_DATABASE_URL)
     python deployments/stack.py crash-automation HEARTBEAT_SECONDS
                                  the automation that marks runs without heartbeats Crashed
+    python deployments/stack.py schedules-snapshot OUT
+                                 every deployment's schedules, before `prefect deploy` replaces them
+    python deployments/stack.py schedules-keep BEFORE APPLIED
+                                 after `prefect deploy`: put back what it replaced but prefect.yaml
+                                 did not change (schedules added outside it, UI edits); APPLIED
+                                 remembers what prefect.yaml gave, for the next re-up
     python deployments/stack.py git-prefect-file REPOSITORY COMMIT OUT [WORK_POOL]
                                  prefect.yaml whose runs clone REPOSITORY at COMMIT (workers
                                  on other machines); WORK_POOL replaces the pool of every deployment
@@ -271,6 +277,91 @@ def crash_automation(heartbeat_seconds: str) -> None:
         print(f"automation {CRASH_AUTOMATION!r} updated (no heartbeat for {within} s -> Crashed)")
 
 
+def _read_schedules() -> dict[str, dict]:
+    """{deployment id: {"name": flow/deployment, "schedules": [schedule as JSON]}} of the API."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        return {str(d.id): {"name": f"{flows.get(d.flow_id, '?')}/{d.name}",
+                            "schedules": [{"slug": s.slug, "active": s.active,
+                                           "parameters": s.parameters,
+                                           "max_scheduled_runs": s.max_scheduled_runs,
+                                           "schedule": s.schedule.model_dump(mode="json")}
+                                          for s in d.schedules]}
+                for d in client.read_deployments()}
+
+
+def schedules_snapshot(out: str) -> None:
+    """Write every deployment's schedules to OUT: `prefect deploy` replaces all the schedules of
+    each deployment it applies with prefect.yaml's, so whatever it removes is put back from here
+    (schedules_keep)."""
+    found = _read_schedules()
+    Path(out).write_text(json.dumps(found, indent=1))
+    print(f"{sum(len(d['schedules']) for d in found.values())} schedules of {len(found)} "
+          "deployments noted")
+
+
+def _definition(schedule: dict) -> dict:
+    return {k: schedule[k] for k in ("schedule", "active", "parameters")}
+
+
+def schedules_keep(before_file: str, applied_file: str) -> None:
+    """After `prefect deploy`, keep what a user set outside prefect.yaml.
+
+    - A schedule prefect.yaml does not name (another slug or none: added by the REST API's
+      `retraining/schedule`, or in the Prefect UI) is put back as it was.
+    - A schedule prefect.yaml names (by slug) keeps the state it had before this deploy (turned on
+      or off in the UI, its parameters edited there) when its entry in prefect.yaml is the same
+      as at the previous deploy (APPLIED); when prefect.yaml changed it, prefect.yaml wins.
+    Then APPLIED records what prefect.yaml gave this time. Prints one line."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+
+    before_path, applied_path = Path(before_file), Path(applied_file)
+    before = json.loads(before_path.read_text()) if before_path.exists() else {}
+    applied = json.loads(applied_path.read_text()) if applied_path.exists() else {}
+    now = _read_schedules()
+    added_back, edits_kept = [], []
+    with get_client(sync_client=True) as client:
+        for deployment_id, was in before.items():
+            if deployment_id not in now:
+                continue
+            current = {s["slug"]: s for s in now[deployment_id]["schedules"] if s["slug"]}
+            unnamed = [_definition(s) for s in now[deployment_id]["schedules"] if not s["slug"]]
+            previous = {s["slug"]: s for s in applied.get(deployment_id, {}).get("schedules", [])
+                        if s["slug"]}
+            deployment = client.read_deployment(deployment_id)
+            by_slug = {s.slug: s for s in deployment.schedules if s.slug}
+            label = now[deployment_id]["name"]
+            for old in was["schedules"]:
+                slug = old["slug"]
+                if slug in current:
+                    yaml_now, yaml_then = current[slug], previous.get(slug)
+                    if (yaml_then is not None and _definition(yaml_then) == _definition(yaml_now)
+                            and _definition(old) != _definition(yaml_now)):
+                        client.update_deployment_schedule(
+                            deployment.id, by_slug[slug].id, active=old["active"],
+                            schedule=DeploymentScheduleCreate(schedule=old["schedule"]).schedule,
+                            parameters=old["parameters"])
+                        edits_kept.append(f"{label} {slug}")
+                    continue
+                if not slug and _definition(old) in unnamed:
+                    continue  # an unnamed schedule prefect.yaml gave again
+                client.create_deployment_schedules(deployment.id, [DeploymentScheduleCreate(
+                    schedule=old["schedule"], active=old["active"], parameters=old["parameters"],
+                    max_scheduled_runs=old["max_scheduled_runs"], slug=slug)])
+                added_back.append(f"{label} {slug or '(unnamed)'}")
+    applied_path.write_text(json.dumps(now, indent=1))
+    before_path.unlink(missing_ok=True)
+    if not added_back and not edits_kept:
+        print("schedules: as prefect.yaml gives them (none set elsewhere to keep)")
+        return
+    print(f"schedules kept: {len(added_back)} added outside prefect.yaml"
+          f"{' (' + ', '.join(added_back) + ')' if added_back else ''}, {len(edits_kept)} edited "
+          f"in the UI{' (' + ', '.join(edits_kept) + ')' if edits_kept else ''}")
+
+
 def git_prefect_file(repository: str, commit: str, out: str, work_pool: str | None = None) -> None:
     """Write OUT: prefect.yaml with a pull step that clones REPOSITORY at COMMIT.
 
@@ -468,6 +559,10 @@ def main(argv: list[str]) -> None:
         save_production_blocks(args[0], args[1])
     elif cmd == "crash-automation":
         crash_automation(args[0])
+    elif cmd == "schedules-snapshot":
+        schedules_snapshot(args[0])
+    elif cmd == "schedules-keep":
+        schedules_keep(args[0], args[1])
     elif cmd == "git-prefect-file":
         if len(args) not in (3, 4):
             _fail("git-prefect-file REPOSITORY COMMIT OUT [WORK_POOL]")

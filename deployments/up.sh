@@ -320,12 +320,17 @@ case "${MLOPS_CODE_SOURCE:-checkout}" in
     ;;
   *) echo "error: MLOPS_CODE_SOURCE must be checkout or git, not '$MLOPS_CODE_SOURCE'" >&2; exit 1 ;;
 esac
+# `prefect deploy` replaces every schedule of each deployment it applies with prefect.yaml's: note
+# them first, then put back what a user set elsewhere (README "Schedules", "After a re-up").
+stack schedules-snapshot "$STACK_DIR/schedules.before.json" >/dev/null
 if ! prefect_cli deploy "${deploy_args[@]}" >"$LOGS/deploy.log" 2>&1; then
   tail -n 40 "$LOGS/deploy.log" >&2
   echo "error: prefect deploy --all failed (full log: $LOGS/deploy.log)" >&2
   exit 1
 fi
 say "deployments applied (prefect deploy --all): $(grep -cE "Deployment '.*' successfully (created|updated)" "$LOGS/deploy.log" || true) from prefect.yaml"
+msg=$(stack schedules-keep "$STACK_DIR/schedules.before.json" "$STACK_DIR/schedules.applied.json")
+say "$msg"
 
 # ---- worker -------------------------------------------------------------------------------------
 stack wait-worker "$PREFECT_API" "$WORK_POOL" "$WORKER_NAME" "$TIMEOUT" "$PIDS/worker.pid" "$LOGS/worker.log"

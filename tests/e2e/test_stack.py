@@ -11,6 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.e2e.conftest import ROOT, Stack, _script
+from tests.e2e.test_api_stack import admin_key
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +25,7 @@ TRIALS = 2    # max_trials of the trainings whose subject is not the search (a b
               # trials would cost CPU the whole suite shares)
 
 
-def request(stack: Stack, method: str, path: str, body: dict | None = None) -> httpx.Response:
+def request(stack: Stack, method: str, path: str, body: dict | list | None = None) -> httpx.Response:
     """One call to the stack's Prefect API. 429/502/503 (the server's "retry me": a busy SQLite
     database under the worker's load) are retried with backoff, as Prefect's own client does."""
     for attempt in range(6):
@@ -77,12 +78,53 @@ def test_up_applies_prefect_yaml_and_is_idempotent(stack):
     workers = api(stack, "/work_pools/mlops/workers/filter")
     assert [w["status"] for w in workers if w["name"] == "mlops-worker"] == ["ONLINE"]
 
-    # Again, on the running stack: keeps the services, re-applies the configuration.
-    again = _script("up.sh", stack.env, 300)
-    assert again.returncode == 0, f"{again.stdout}\n{again.stderr}"
-    for service in ("prefect-server", "mlflow-server", "worker"):
-        assert f"{service} already running" in again.stdout, again.stdout
-    assert len(api(stack, "/deployments/filter")) == len(deployments)
+    # What a user sets outside prefect.yaml before the re-up: a model's retraining schedule
+    # through the REST API, one added in the UI (no slug: then `prefect deploy` replaces every
+    # schedule of the deployment with prefect.yaml's), and the hourly A/B analysis turned off in
+    # the UI (the UI's own calls).
+    added = httpx.post(f"{stack.api_url}/api/v1/mlops/retraining/schedule",
+                       headers={"Authorization": f"Bearer {admin_key(stack)}"}, timeout=60,
+                       json={"model_name": "e2e_kept", "cron": "0 4 * * *", "active": False})
+    assert added.status_code == 200, added.text
+    checks = schedule_of(stack, "retraining-check/default", "retraining-check-nightly")
+    in_ui = {"schedule": {"cron": "30 5 * * 1", "timezone": "UTC"}, "active": False,
+             "parameters": {"model_name": "e2e_ui"}}
+    assert request(stack, "POST", f"/deployments/{checks['deployment_id']}/schedules",
+                   [in_ui]).is_success
+    hourly = schedule_of(stack, "ab-test-analysis/default", "ab-test-analysis-hourly")
+    toggle = f"/deployments/{hourly['deployment_id']}/schedules/{hourly['id']}"
+    assert hourly["active"] and request(stack, "PATCH", toggle, {"active": False}).is_success
+    try:
+        # Again, on the running stack: keeps the services, re-applies the configuration, and
+        # keeps both settings (prefect deploy alone would have replaced them with prefect.yaml's).
+        again = _script("up.sh", stack.env, 300)
+        assert again.returncode == 0, f"{again.stdout}\n{again.stderr}"
+        for service in ("prefect-server", "mlflow-server", "worker"):
+            assert f"{service} already running" in again.stdout, again.stdout
+        assert len(api(stack, "/deployments/filter")) == len(deployments)
+        assert "schedules kept: 2 added outside prefect.yaml (" in again.stdout, again.stdout
+        assert ("1 edited in the UI (ab-test-analysis/default ab-test-analysis-hourly)"
+                in again.stdout), again.stdout
+        kept = schedule_of(stack, "retraining-check/default", "retraining-check-e2e-kept")
+        assert (kept["schedule"]["cron"], kept["active"], kept["parameters"]) == (
+            "0 4 * * *", False, {"model_name": "e2e_kept"})
+        unnamed = schedule_of(stack, "retraining-check/default", None)
+        assert (unnamed["schedule"]["cron"], unnamed["active"], unnamed["parameters"]) == (
+            "30 5 * * 1", False, {"model_name": "e2e_ui"})
+        assert not schedule_of(stack, "ab-test-analysis/default", "ab-test-analysis-hourly")["active"]
+        assert not schedule_of(stack, "retraining-check/default", "retraining-check-nightly")["active"]
+    finally:
+        request(stack, "PATCH", toggle, {"active": True})
+
+
+def schedule_of(stack: Stack, deployment: str, slug: str | None) -> dict:
+    """The schedule SLUG of DEPLOYMENT (flow/deployment) on the stack's Prefect API (None: the
+    one schedule without a slug)."""
+    found = request(stack, "GET", f"/deployments/name/{deployment}")
+    found.raise_for_status()
+    schedules = {s["slug"]: s for s in found.json()["schedules"]}
+    assert slug in schedules, (deployment, list(schedules))
+    return schedules[slug]
 
 
 def test_bad_parameter_is_rejected_before_a_run_exists(stack, churn_csv):
