@@ -81,7 +81,7 @@ def test_up_applies_prefect_yaml_and_is_idempotent(stack):
     # What a user sets outside prefect.yaml before the re-up: a model's retraining schedule
     # through the REST API, one added in the UI (no slug: then `prefect deploy` replaces every
     # schedule of the deployment with prefect.yaml's), and the hourly A/B analysis turned off in
-    # the UI (the UI's own calls).
+    # the UI (the calls the UI makes; the toggle as `prefect deployment schedule pause` sends it).
     added = httpx.post(f"{stack.api_url}/api/v1/mlops/retraining/schedule",
                        headers={"Authorization": f"Bearer {admin_key(stack)}"}, timeout=60,
                        json={"model_name": "e2e_kept", "cron": "0 4 * * *", "active": False})
