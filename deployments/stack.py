@@ -281,21 +281,27 @@ def _read_schedules() -> dict[str, dict]:
     """{deployment id: {"name": flow/deployment, "schedules": [schedule as JSON]}} of the API."""
     from prefect.client.orchestration import get_client
 
+    def every(read) -> list:  # the API answers at most 200 a call
+        found: list = []
+        while page := read(limit=200, offset=len(found)):
+            found += page
+        return found
+
     with get_client(sync_client=True) as client:
-        flows = {f.id: f.name for f in client.read_flows()}
+        flows = {f.id: f.name for f in every(client.read_flows)}
         return {str(d.id): {"name": f"{flows.get(d.flow_id, '?')}/{d.name}",
-                            "schedules": [{"slug": s.slug, "active": s.active,
+                            "schedules": [{"id": str(s.id), "slug": s.slug, "active": s.active,
                                            "parameters": s.parameters,
                                            "max_scheduled_runs": s.max_scheduled_runs,
                                            "schedule": s.schedule.model_dump(mode="json")}
                                           for s in d.schedules]}
-                for d in client.read_deployments()}
+                for d in every(client.read_deployments)}
 
 
 def schedules_snapshot(out: str) -> None:
-    """Write every deployment's schedules to OUT: `prefect deploy` replaces all the schedules of
-    each deployment it applies with prefect.yaml's, so whatever it removes is put back from here
-    (schedules_keep)."""
+    """Write every deployment's schedules to OUT, for schedules_keep: `prefect deploy` resets the
+    schedules prefect.yaml names and, where a deployment has a schedule without a slug, replaces
+    all of its schedules with the file's."""
     found = _read_schedules()
     Path(out).write_text(json.dumps(found, indent=1))
     print(f"{sum(len(d['schedules']) for d in found.values())} schedules of {len(found)} "
@@ -315,6 +321,8 @@ def schedules_keep(before_file: str, applied_file: str) -> None:
       or off in the UI, its parameters edited there) when its entry in prefect.yaml is the same
       as at the previous deploy (APPLIED); when prefect.yaml changed it, prefect.yaml wins.
     Then APPLIED records what prefect.yaml gave this time. Prints one line."""
+    from uuid import UUID
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentScheduleCreate
 
@@ -331,8 +339,6 @@ def schedules_keep(before_file: str, applied_file: str) -> None:
             unnamed = [_definition(s) for s in now[deployment_id]["schedules"] if not s["slug"]]
             previous = {s["slug"]: s for s in applied.get(deployment_id, {}).get("schedules", [])
                         if s["slug"]}
-            deployment = client.read_deployment(deployment_id)
-            by_slug = {s.slug: s for s in deployment.schedules if s.slug}
             label = now[deployment_id]["name"]
             for old in was["schedules"]:
                 slug = old["slug"]
@@ -341,14 +347,14 @@ def schedules_keep(before_file: str, applied_file: str) -> None:
                     if (yaml_then is not None and _definition(yaml_then) == _definition(yaml_now)
                             and _definition(old) != _definition(yaml_now)):
                         client.update_deployment_schedule(
-                            deployment.id, by_slug[slug].id, active=old["active"],
+                            UUID(deployment_id), UUID(yaml_now["id"]), active=old["active"],
                             schedule=DeploymentScheduleCreate(schedule=old["schedule"]).schedule,
                             parameters=old["parameters"])
                         edits_kept.append(f"{label} {slug}")
                     continue
                 if not slug and _definition(old) in unnamed:
                     continue  # an unnamed schedule prefect.yaml gave again
-                client.create_deployment_schedules(deployment.id, [DeploymentScheduleCreate(
+                client.create_deployment_schedules(UUID(deployment_id), [DeploymentScheduleCreate(
                     schedule=old["schedule"], active=old["active"], parameters=old["parameters"],
                     max_scheduled_runs=old["max_scheduled_runs"], slug=slug)])
                 added_back.append(f"{label} {slug or '(unnamed)'}")
