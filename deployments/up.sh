@@ -320,8 +320,9 @@ case "${MLOPS_CODE_SOURCE:-checkout}" in
     ;;
   *) echo "error: MLOPS_CODE_SOURCE must be checkout or git, not '$MLOPS_CODE_SOURCE'" >&2; exit 1 ;;
 esac
-# `prefect deploy` replaces every schedule of each deployment it applies with prefect.yaml's: note
-# them first, then put back what a user set elsewhere (README "Schedules", "After a re-up").
+# `prefect deploy` resets the schedules prefect.yaml names and, where a deployment has one without a
+# slug, replaces all of them: note them first, then put back what a user set elsewhere (README
+# "Schedules", "After a re-up").
 stack schedules-snapshot "$STACK_DIR/schedules.before.json" >/dev/null
 if ! prefect_cli deploy "${deploy_args[@]}" >"$LOGS/deploy.log" 2>&1; then
   tail -n 40 "$LOGS/deploy.log" >&2
