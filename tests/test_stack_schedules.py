@@ -8,6 +8,7 @@ through up.sh on a real stack; here the cases that need prefect.yaml itself to c
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -23,11 +24,6 @@ def nightly(cron: str = "0 2 * * *", active: bool = False) -> DeploymentSchedule
 
 
 @pytest.fixture
-def stack_dir(tmp_path):
-    return tmp_path
-
-
-@pytest.fixture
 def name() -> str:
     return f"sched-{uuid.uuid4().hex[:8]}"
 
@@ -38,12 +34,14 @@ def deploy(name: str, *schedules: DeploymentScheduleCreate) -> str:
         return str(client.create_deployment(flow_id, name, schedules=list(schedules)))
 
 
-def make_up(stack_dir, name: str, *schedules: DeploymentScheduleCreate) -> None:
-    """What up.sh does: note the schedules, apply prefect.yaml, keep what it should."""
-    before, applied = stack_dir / "schedules.before.json", stack_dir / "schedules.applied.json"
+def make_up(folder: Path, name: str, *schedules: DeploymentScheduleCreate) -> str:
+    """What up.sh does: note the schedules, apply prefect.yaml, keep what it should. Returns the
+    deployment's id."""
+    before, applied = folder / "schedules.before.json", folder / "schedules.applied.json"
     schedules_snapshot(str(before))
-    deploy(name, *schedules)
+    deployment_id = deploy(name, *schedules)
     schedules_keep(str(before), str(applied))
+    return deployment_id
 
 
 def schedules(deployment_id: str) -> dict[str | None, tuple[str, bool, dict]]:
@@ -53,28 +51,26 @@ def schedules(deployment_id: str) -> dict[str | None, tuple[str, bool, dict]]:
 
 
 def test_a_ui_toggle_survives_a_re_up_until_prefect_yaml_changes_that_schedule(
-        stack_dir, name, capsys):
-    make_up(stack_dir, name, nightly())
+        tmp_path, name, capsys):
+    deployment_id = make_up(tmp_path, name, nightly())
     assert "as prefect.yaml gives them" in capsys.readouterr().out
-    deployment_id = deploy(name, nightly())
     with get_client(sync_client=True) as client:  # the UI's toggle sends the whole schedule
         schedule = client.read_deployment(deployment_id).schedules[0]
         client.update_deployment_schedule(deployment_id, schedule.id, active=True,
                                           schedule=schedule.schedule,
                                           parameters=schedule.parameters)
 
-    make_up(stack_dir, name, nightly())  # prefect.yaml unchanged: the toggle stays
+    make_up(tmp_path, name, nightly())  # prefect.yaml unchanged: the toggle stays
     assert schedules(deployment_id) == {"nightly": ("0 2 * * *", True, {"model_name": "m"})}
     assert f"1 edited in the UI (schedules-keep-test/{name} nightly)" in capsys.readouterr().out
 
-    make_up(stack_dir, name, nightly(cron="0 3 * * *"))  # the file changed it: the file wins
+    make_up(tmp_path, name, nightly(cron="0 3 * * *"))  # the file changed it: the file wins
     assert schedules(deployment_id) == {"nightly": ("0 3 * * *", False, {"model_name": "m"})}
 
 
-def test_schedules_added_elsewhere_come_back_when_prefect_deploy_replaces_them(stack_dir, name,
+def test_schedules_added_elsewhere_come_back_when_prefect_deploy_replaces_them(tmp_path, name,
                                                                                capsys):
-    make_up(stack_dir, name, nightly())
-    deployment_id = deploy(name, nightly())
+    deployment_id = make_up(tmp_path, name, nightly())
     with get_client(sync_client=True) as client:  # one with a slug (the REST API), one without (UI)
         client.create_deployment_schedules(deployment_id, [DeploymentScheduleCreate(
             schedule=CronSchedule(cron="0 4 * * *"), active=False, slug="retraining-check-x",
@@ -83,10 +79,10 @@ def test_schedules_added_elsewhere_come_back_when_prefect_deploy_replaces_them(s
             schedule=CronSchedule(cron="30 5 * * 1"), active=True)])
     capsys.readouterr()
 
-    make_up(stack_dir, name, nightly())
+    make_up(tmp_path, name, nightly())
     assert schedules(deployment_id) == {"nightly": ("0 2 * * *", False, {"model_name": "m"}),
                                         "retraining-check-x": ("0 4 * * *", False, {"model_name": "x"}),
                                         None: ("30 5 * * 1", True, {})}
     assert "2 added outside prefect.yaml" in capsys.readouterr().out
-    make_up(stack_dir, name, nightly())  # again: nothing duplicated
+    make_up(tmp_path, name, nightly())  # again: nothing duplicated
     assert len(schedules(deployment_id)) == 3
