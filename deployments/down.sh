@@ -21,14 +21,14 @@ say() { printf '[down] %s\n' "$*"; }
 group_alive() { kill -0 -- "-$1" 2>/dev/null; }
 
 stop() {  # stop NAME: TERM the process group recorded in pids/NAME.pid, KILL after the timeout
-  local name=$1 file="$PIDS/$1.pid" pid lstart now
+  local name=$1 file="$PIDS/$1.pid" pid
   [ -f "$file" ] || return 0
-  read -r pid lstart <"$file" || true
+  read -r pid _ <"$file" || true
   if [ -z "${pid:-}" ]; then rm -f "$file"; return 0; fi
-  # The pid is our process only if its start time matches the record; if the leader is gone but
-  # the group still has members, they are ours (Linux does not reuse a pid that names a live group).
-  now="$(ps -o lstart= -p "$pid" 2>/dev/null | xargs || true)"
-  if [ -n "$now" ] && [ "$now" != "$(xargs <<<"$lstart")" ]; then
+  # The pid is our process only if its start matches the record (deployments/stack.py pid-state);
+  # if the leader is gone but the group still has members, they are ours (Linux does not reuse a
+  # pid that names a live group).
+  if [ "$("$PY" "$ROOT/deployments/stack.py" pid-state "$file")" = other ]; then
     say "$name: pid $pid belongs to another program now; nothing to stop"
     rm -f "$file"
     return 0

@@ -1,6 +1,8 @@
 """Helpers for deployments/up.sh and down.sh (run with the project's Python, never imported by flows).
 
     python deployments/stack.py spawn LOG PIDFILE -- CMD...   start CMD in its own session, print pid
+    python deployments/stack.py pid-state PIDFILE    ours | gone | other: is the recorded process
+                                                     still the one spawn started?
     python deployments/stack.py wait-http URL TIMEOUT PIDFILE LOG   wait until URL answers 2xx
     python deployments/stack.py wait-worker API POOL NAME TIMEOUT PIDFILE LOG
     python deployments/stack.py ensure-db URL                  CREATE DATABASE if absent (PostgreSQL)
@@ -80,11 +82,44 @@ def spawn(log: str, pidfile: str, cmd: list[str]) -> None:
             start_new_session=True,
             close_fds=True,
         )
-    lstart = subprocess.run(
-        ["ps", "-o", "lstart=", "-p", str(proc.pid)], capture_output=True, text=True
-    ).stdout.strip()
-    Path(pidfile).write_text(f"{proc.pid} {lstart}\n")
+    Path(pidfile).write_text(f"{proc.pid} {start_mark(proc.pid)}\n")
     print(proc.pid)
+
+
+def start_mark(pid: int) -> str:
+    """What tells process PID from a later process given the same pid: on Linux its start in clock
+    ticks since boot (/proc/PID/stat), which stays put when the wall clock is stepped (NTP after a
+    laptop wakes, a restored VM); `ps -o lstart=` moves with it, and a 3 s step made `make down`
+    take every service for another program. Elsewhere (macOS) `ps -o lstart=`. '' when no such
+    process."""
+    if Path("/proc/self/stat").exists():
+        try:
+            # after the command name in parentheses (which may hold spaces): state is field 3,
+            # starttime field 22
+            return "boot+" + Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            return ""
+    return _lstart(pid)
+
+
+def _lstart(pid: int) -> str:
+    return " ".join(subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True,
+                                   text=True).stdout.split())
+
+
+def pid_state(pidfile: str) -> str:
+    """'ours' when the process recorded in PIDFILE is alive and the one spawn started, 'other'
+    when its pid now names another process, 'gone' when no process has it (or nothing is
+    recorded). Records of earlier versions hold `ps -o lstart=` and are compared that way."""
+    try:
+        pid, _, recorded = Path(pidfile).read_text().strip().partition(" ")
+        pid_number = int(pid)
+    except (OSError, ValueError):
+        return "gone"
+    now = start_mark(pid_number) if recorded.startswith("boot+") else _lstart(pid_number)
+    if not now:
+        return "gone"
+    return "ours" if now == " ".join(recorded.split()) else "other"
 
 
 def _tail(path: str, lines: int = 25) -> str:
@@ -543,6 +578,8 @@ def main(argv: list[str]) -> None:
             _fail("spawn LOG PIDFILE -- CMD...")
         i = args.index("--")
         spawn(args[0], args[1], args[i + 1 :])
+    elif cmd == "pid-state":
+        print(pid_state(args[0]))
     elif cmd == "wait-http":
         wait_http(args[0], float(args[1]), args[2], args[3] if len(args) > 3 else None)
     elif cmd == "wait-worker":

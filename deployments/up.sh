@@ -163,11 +163,7 @@ prefect_cli() { "$PY" -m prefect --no-prompt "$@"; }
 redact() { sed -E 's#(://[^:/@]+):[^@]*@#\1:***@#' <<<"$1"; }
 
 running() {  # running NAME -> 0 when the process recorded in pids/NAME.pid is alive and ours
-  local file="$PIDS/$1.pid" pid lstart
-  [ -f "$file" ] || return 1
-  read -r pid lstart <"$file" || return 1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
-  [ "$(ps -o lstart= -p "$pid" 2>/dev/null | xargs)" = "$(xargs <<<"$lstart")" ]
+  [ -f "$PIDS/$1.pid" ] && [ "$(stack pid-state "$PIDS/$1.pid")" = ours ]
 }
 
 port_busy() { (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; }
